@@ -1,0 +1,287 @@
+"""Deterministic synthetic CT-like abdominal volumes with a pancreas-like target.
+
+Each case is a small contrast-enhanced abdominal CT in Hounsfield units: air around an
+elliptic body with subcutaneous fat, an abdominal muscle wall, visceral fat, liver,
+spleen, two kidneys, a vertebral body with cortical bone, the aorta, bowel loops with gas
+pockets and a duodenum-like loop, and the target: an elongated, curved, lobulated
+soft-tissue tube (head near the duodenum, tail near the spleen) whose enhancement is close
+to that of the bowel and duodenum next to it. Scanner blur and noise are added. Voxel
+spacing is anisotropic (in-plane < 1 mm, slices 1.5-3 mm), and size, position, shape and
+origin vary from case to case. All anatomy is defined in millimetres, so it does not
+depend on the sampling grid.
+
+Case ``i`` of seed ``s`` is a pure function of ``(s, i)`` and the parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from semiseg.io.atomic import atomic_path, atomic_write_text
+from semiseg.io.readers import Geometry
+
+#: Mean HU of each tissue (portal-venous phase); the per-case value is jittered.
+TISSUE_HU = {
+    "air": -1000.0,
+    "fat": -100.0,
+    "muscle": 55.0,
+    "liver": 105.0,
+    "spleen": 115.0,
+    "kidney": 170.0,
+    "aorta": 180.0,
+    "bone_cortex": 750.0,
+    "bone_marrow": 230.0,
+    "bowel": 95.0,
+    "gas": -900.0,
+    "target": 100.0,
+}
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """Ranges for the generator (mm unless stated)."""
+
+    inplane_spacing: tuple[float, float] = (0.66, 0.95)
+    slice_spacing: tuple[float, float] = (1.5, 3.0)
+    body_semi_axis_x: tuple[float, float] = (62.0, 80.0)
+    body_semi_axis_y: tuple[float, float] = (46.0, 58.0)
+    z_extent: tuple[float, float] = (72.0, 104.0)
+    fov_margin: tuple[float, float] = (6.0, 22.0)
+    target_length: tuple[float, float] = (55.0, 75.0)
+    noise_sd: tuple[float, float] = (8.0, 18.0)
+    blur_sd_mm: float = 0.6
+
+
+def case_id(index: int, prefix: str = "demo") -> str:
+    """Case identifier of case ``index``: ``demo_000``, ``demo_001``, ..."""
+    return f"{prefix}_{index:03d}"
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int, int], spacing: np.ndarray, scale_mm: float) -> np.ndarray:
+    """Zero-mean, unit-SD smooth random field with correlation length ``scale_mm``."""
+    coarse = np.maximum(2, np.ceil(np.asarray(shape) * spacing / scale_mm).astype(int) + 2)
+    field = sitk.GetImageFromArray(rng.standard_normal(tuple(coarse[::-1])).astype(np.float32))
+    field.SetSpacing([float(scale_mm)] * 3)
+    field.SetOrigin([-scale_mm] * 3)
+    ref = sitk.Image([int(s) for s in shape], sitk.sitkFloat32)
+    ref.SetSpacing([float(s) for s in spacing])
+    out = sitk.Resample(field, ref, sitk.Transform(), sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(out).transpose(2, 1, 0)
+    return (arr - arr.mean()) / (arr.std() + 1e-6)
+
+
+def _ellipsoid(X, Y, Z, centre, axes, wobble=None, amount=0.0):
+    r = ((X - centre[0]) / axes[0]) ** 2 + ((Y - centre[1]) / axes[1]) ** 2 + ((Z - centre[2]) / axes[2]) ** 2
+    if wobble is not None:
+        r = r + amount * wobble
+    return r <= 1.0
+
+
+def _tube(X, Y, Z, points: np.ndarray, radii: np.ndarray, wobble: np.ndarray | None = None, amount: float = 0.0):
+    """Voxels within ``radii[k]`` of polyline vertex ``points[k]`` (mm), bounded-box search."""
+    lo = points.min(axis=0) - radii.max() - 1
+    hi = points.max(axis=0) + radii.max() + 1
+    xs = np.flatnonzero((X[:, 0, 0] >= lo[0]) & (X[:, 0, 0] <= hi[0]))
+    ys = np.flatnonzero((Y[0, :, 0] >= lo[1]) & (Y[0, :, 0] <= hi[1]))
+    zs = np.flatnonzero((Z[0, 0, :] >= lo[2]) & (Z[0, 0, :] <= hi[2]))
+    shape = (X.shape[0], Y.shape[1], Z.shape[2])
+    mask = np.zeros(shape, dtype=bool)
+    if xs.size == 0 or ys.size == 0 or zs.size == 0:
+        return mask
+    sx, sy, sz = slice(xs[0], xs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(zs[0], zs[-1] + 1)
+    x, y, z = X[sx, :, :], Y[:, sy, :], Z[:, :, sz]
+    best = np.full((x.shape[0], y.shape[1], z.shape[2]), np.inf, dtype=np.float32)
+    for p, r in zip(points, radii, strict=True):
+        d = np.sqrt((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) / r
+        np.minimum(best, d, out=best)
+    if wobble is not None:
+        best = best + amount * wobble[sx, sy, sz]
+    mask[sx, sy, sz] = best <= 1.0
+    return mask
+
+
+def _bezier(p0, p1, p2, n):
+    t = np.linspace(0.0, 1.0, n)[:, None]
+    return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
+
+
+def generate_case(seed: int, index: int, params: SyntheticParams | None = None) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """Generate case ``index`` of seed ``seed``.
+
+    Returns ``(image (X, Y, Z) int16 HU, label (X, Y, Z) uint8 {0, 1}, geometry)``.
+    """
+    p = params or SyntheticParams()
+    rng = np.random.default_rng([int(seed), int(index)])
+    u = rng.uniform
+
+    sxy = round(u(*p.inplane_spacing), 4)
+    sz = round(u(*p.slice_spacing), 3)
+    spacing = np.array([sxy, sxy, sz])
+    ax, ay = u(*p.body_semi_axis_x), u(*p.body_semi_axis_y)
+    fov_x = 2 * (ax + u(*p.fov_margin))
+    fov_y = 2 * (ay + u(*p.fov_margin))
+    zext = u(*p.z_extent)
+    shape = (int(round(fov_x / sxy)), int(round(fov_y / sxy)), int(round(zext / sz)))
+    origin = np.array([u(-220, -120), u(-260, -150), u(-600, 100)]).round(3)
+
+    # Centred physical coordinates (mm) as open grids: x left-right, y anterior(-)/posterior(+), z cranial(+).
+    X = ((np.arange(shape[0]) - (shape[0] - 1) / 2) * spacing[0]).astype(np.float32)[:, None, None]
+    Y = ((np.arange(shape[1]) - (shape[1] - 1) / 2) * spacing[1]).astype(np.float32)[None, :, None]
+    Z = ((np.arange(shape[2]) - (shape[2] - 1) / 2) * spacing[2]).astype(np.float32)[None, None, :]
+    # Body offset in the field of view.
+    bx, by = u(-0.3, 0.3) * (fov_x / 2 - ax), u(-0.3, 0.3) * (fov_y / 2 - ay)
+    Xb, Yb = X - bx, Y - by
+
+    hu = {k: v + (u(-8, 8) if k not in ("air", "gas") else 0.0) for k, v in TISSUE_HU.items()}
+    # The target enhances like its neighbours (bowel, duodenum): the hard part of the task.
+    hu["target"] = hu["bowel"] + u(-4, 12)
+
+    wob = _smooth_noise(rng, shape, spacing, 14.0)
+    texture = _smooth_noise(rng, shape, spacing, 4.0)
+
+    # Body outline: ellipse whose axes vary slowly along z.
+    zmod = 1 + 0.05 * np.sin(Z / 35.0 + u(0, 6.28))
+    rb = (Xb / (ax * zmod)) ** 2 + (Yb / (ay * zmod)) ** 2 + 0.04 * wob
+    fat_t, muscle_t = u(6, 12), u(4, 8)
+    body = rb <= 1.0
+    inner_muscle = (Xb / (ax * zmod - fat_t)) ** 2 + (Yb / (ay * zmod - fat_t)) ** 2 <= 1.0
+    cavity = (Xb / (ax * zmod - fat_t - muscle_t)) ** 2 + (Yb / (ay * zmod - fat_t - muscle_t)) ** 2 <= 1.0
+
+    img = np.full(shape, hu["air"], dtype=np.float32)
+    img[body] = hu["fat"]
+    img[inner_muscle & ~cavity] = hu["muscle"]
+    img[cavity] = hu["fat"]  # visceral fat
+
+    ca, cb = ax - fat_t - muscle_t, ay - fat_t - muscle_t  # cavity semi-axes (mm)
+
+    def at(fx, fy, fz=0.0):
+        return np.array([bx + fx * ca, by + fy * cb, fz])
+
+    # Vertebra (posterior, centred) with marrow and cortex, spinal canal behind it.
+    vc = at(u(-0.05, 0.05), 0.62)
+    vr = u(13, 17)
+    def full(mask):
+        return np.broadcast_to(mask, shape)
+
+    rv = np.sqrt((X - vc[0]) ** 2 + ((Y - vc[1]) / 0.85) ** 2)
+    vert = full(rv <= vr)
+    img[vert] = hu["bone_cortex"]
+    img[full(rv <= vr - u(1.5, 2.5))] = hu["bone_marrow"]
+    canal = full(np.sqrt((X - vc[0]) ** 2 + (Y - (vc[1] + vr + 5)) ** 2) <= 6)
+    img[canal & cavity] = 20.0
+    # Paraspinal muscles.
+    for side in (-1, 1):
+        img[_ellipsoid(X, Y, Z, (vc[0] + side * (vr + 10), vc[1] + 4, 0), (11, 14, 1e4)) & cavity] = hu["muscle"]
+    # Aorta anterior-left of the vertebra.
+    aorta_c = (vc[0] + u(3, 7), vc[1] - vr - u(7, 10))
+    aorta_r = u(6.5, 8.5)
+    aorta = full(np.sqrt((X - aorta_c[0]) ** 2 + (Y - aorta_c[1]) ** 2) <= aorta_r)
+    # Kidneys posterior-lateral.
+    kidneys = np.zeros(shape, dtype=bool)
+    for side in (-1, 1):
+        kc = vc + np.array([side * u(28, 38), u(-6, 2), u(-15, 10)])
+        kidneys |= _ellipsoid(X, Y, Z, kc, (u(12, 16), u(9, 12), u(25, 35)), wob, 0.08)
+    # Liver (patient right = image -x here) and spleen (+x).
+    liver = _ellipsoid(X, Y, Z, at(-0.45, -0.1, u(15, 30)), (ca * 0.55, cb * 0.75, u(45, 60)), wob, 0.15)
+    spleen = _ellipsoid(X, Y, Z, at(0.62, 0.3, u(10, 25)), (u(12, 17), u(16, 22), u(25, 35)), wob, 0.12)
+
+    # Target: curved tube from the head (right, near duodenum) to the tail (left, near spleen),
+    # anterior to the aorta, rising towards the tail.
+    length = u(*p.target_length)
+    head = np.array([aorta_c[0] - length * u(0.45, 0.55), aorta_c[1] - u(8, 16), u(-14, -4)])
+    tail = np.array([aorta_c[0] + length * u(0.45, 0.55), aorta_c[1] + u(-4, 6), head[2] + u(8, 18)])
+    ctrl = (head + tail) / 2 + np.array([u(-6, 6), -u(10, 22), u(-4, 4)])
+    pts = _bezier(head, ctrl, tail, 48)
+    radii = np.linspace(u(7.5, 10.0), u(3.5, 5.0), len(pts)) * (1 + 0.12 * np.sin(np.linspace(0, u(6, 14), len(pts))))
+    target = _tube(X, Y, Z, pts, radii, texture, 0.10) & cavity & ~vert & ~aorta
+
+    # Duodenum-like loop around the head, and bowel loops with gas pockets, touching the target.
+    d_ang = np.linspace(u(0.3, 0.8) * np.pi, u(1.6, 1.9) * np.pi, 40)
+    d_r = radii[0] + u(5, 8)
+    duo_pts = np.stack([head[0] + d_r * np.cos(d_ang), head[1] + d_r * np.sin(d_ang), head[2] + np.linspace(-6, 6, 40)], axis=1)
+    bowel = _tube(X, Y, Z, duo_pts, np.full(len(duo_pts), u(4.5, 6.5)))
+    gas = np.zeros(shape, dtype=bool)
+    for _ in range(int(rng.integers(4, 8))):
+        c = at(u(-0.6, 0.6), u(-0.85, -0.25), u(-zext / 3, zext / 3))
+        a = np.array([u(7, 14), u(6, 11), u(8, 18)])
+        loop = _ellipsoid(X, Y, Z, c, a, wob, 0.2)
+        bowel |= loop
+        if rng.random() < 0.6:
+            gas |= _ellipsoid(X, Y, Z, c + np.array([0, -a[1] * 0.5, 0]), a * 0.35)
+    # A loop right next to the tail, touching it.
+    bowel |= _ellipsoid(X, Y, Z, tail + np.array([u(-4, 4), -u(9, 12), u(-3, 3)]), (u(8, 12), u(5, 7), u(7, 10)), wob, 0.1)
+
+    order = [  # later overwrites earlier
+        (bowel & cavity, "bowel"), (liver & cavity, "liver"), (spleen & cavity, "spleen"),
+        (kidneys & cavity, "kidney"), (gas & bowel & cavity, "gas"), (aorta & cavity, "aorta"),
+    ]
+    for mask, tissue in order:
+        img[mask & ~vert] = hu[tissue]
+    target &= ~(liver | spleen | kidneys)
+    img[target] = hu["target"]
+
+    # Tissue texture, scanner blur (PSF) and noise.
+    soft = body & (img > -300) & (img < 300)
+    img[soft] += 7.0 * texture[soft]
+    itk = sitk.GetImageFromArray(img.transpose(2, 1, 0))
+    itk.SetSpacing([float(s) for s in spacing])
+    img = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(itk, p.blur_sd_mm)).transpose(2, 1, 0)
+    img = img + rng.normal(0.0, u(*p.noise_sd), size=shape).astype(np.float32)
+    image = np.clip(np.round(img), -1024, 3071).astype(np.int16)
+
+    label = target.astype(np.uint8)
+    geometry = Geometry(shape, tuple(float(s) for s in spacing), tuple(float(o) for o in origin), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    return image, label, geometry
+
+
+def _to_itk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    return image
+
+
+def write_demo_dataset(
+    out_dir: str | Path,
+    num_cases: int,
+    seed: int,
+    params: SyntheticParams | None = None,
+    prefix: str = "demo",
+    target_name: str = "pancreas",
+) -> list[str]:
+    """Write ``num_cases`` synthetic cases as a raw data set in the MSD layout.
+
+    ``out_dir/imagesTr/<case>.nii.gz``, ``out_dir/labelsTr/<case>.nii.gz`` and
+    ``out_dir/dataset.json`` (written last), each file atomically. Returns the case IDs.
+    """
+    out = Path(out_dir)
+    params = params or SyntheticParams()
+    ids = []
+    for i in range(num_cases):
+        cid = case_id(i, prefix)
+        image, label, geom = generate_case(seed, i, params)
+        for sub, arr in (("imagesTr", image), ("labelsTr", label)):
+            with atomic_path(out / sub / f"{cid}.nii.gz") as tmp:
+                sitk.WriteImage(_to_itk(arr, geom), str(tmp), useCompression=True)
+        ids.append(cid)
+    meta = {
+        "name": prefix,
+        "description": "Synthetic CT-like abdominal volumes with a pancreas-like target (semiseg demo)",
+        "reference": "semiseg.data.synthetic",
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": target_name},
+        "numTraining": num_cases,
+        "numTest": 0,
+        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in ids],
+        "test": [],
+        "generator": {"seed": seed, "num_cases": num_cases, "params": asdict(params)},
+    }
+    atomic_write_text(out / "dataset.json", json.dumps(meta, indent=2) + "\n")
+    return ids

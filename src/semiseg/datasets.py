@@ -1,0 +1,92 @@
+"""Where a data set's raw cases are, and which cases it has.
+
+A data set's ``raw`` config block gives a folder and two path templates relative to it,
+e.g. ``imagesTr/{case}.nii.gz`` (MSD layout) or ``{case}/lgemri.nrrd`` (LA). Templates may
+use ``{case}`` and ``{case_digits}`` (the case ID's trailing digits, e.g. ``0001`` for
+``PANCREAS_0001``, for label files named ``label0001.nii.gz``). An image template may name a
+folder: it is then read as a DICOM series.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+DEMO_COMMAND = "snakemake --cores 2 results/tables/demo_5pct.csv  (or, for the data stages alone: snakemake --cores 2 all)"
+
+
+class RawDataMissing(FileNotFoundError):
+    """The raw data of a data set is not where the config says it is."""
+
+
+def case_digits(case: str) -> str:
+    """Trailing digits of a case ID (``PANCREAS_0001`` -> ``0001``); the ID itself if none."""
+    m = re.search(r"(\d+)$", case)
+    return m.group(1) if m else case
+
+
+def _fill(template: str, case: str) -> str:
+    return template.format(case=case, case_digits=case_digits(case))
+
+
+def raw_case_paths(ds: Mapping[str, Any], case: str, base: str | Path = ".") -> tuple[Path, Path | None]:
+    """``(image path, label path or None)`` of ``case`` for a data set config ``ds``."""
+    raw = ds["raw"]
+    root = Path(base) / raw["dir"]
+    image = root / _fill(raw["image"], case)
+    label = root / _fill(raw["label"], case) if raw.get("label") else None
+    return image, label
+
+
+def generated_cases(ds: Mapping[str, Any]) -> list[str]:
+    """Case IDs of a generated (synthetic) data set, known before it is written."""
+    from semiseg.data.synthetic import case_id
+
+    gen = ds["generate"]
+    return [case_id(i, gen.get("prefix", "demo")) for i in range(int(gen["num_cases"]))]
+
+
+def missing_data_message(name: str, ds: Mapping[str, Any], base: str | Path = ".") -> str:
+    root = Path(base) / ds["raw"]["dir"]
+    source = ds.get("source", "see the README's 'Real data' section")
+    return (
+        f"data set '{name}': raw data not found at {root} (config key datasets.{name}.raw.dir; "
+        f"expected files like {ds['raw']['image']}). Get it from: {source}. "
+        f"To try the pipeline without it, run the synthetic demo: {DEMO_COMMAND}"
+    )
+
+
+def list_cases(name: str, ds: Mapping[str, Any], base: str | Path = ".") -> list[str]:
+    """Case IDs of data set ``name``, sorted.
+
+    Generated data sets: from the generator config. Otherwise an explicit ``cases`` list
+    if given, else every match of the image template under the raw folder. Raises
+    :class:`RawDataMissing` with a message saying where the data was expected, where to
+    get it and how to run the demo instead.
+    """
+    if ds.get("generate"):
+        return generated_cases(ds)
+    if ds.get("cases"):
+        return sorted(str(c) for c in ds["cases"])
+    root = Path(base) / ds["raw"]["dir"]
+    if not root.is_dir():
+        raise RawDataMissing(missing_data_message(name, ds, base))
+    template = ds["raw"]["image"]
+    if "{case}" not in template:
+        raise ValueError(f"datasets.{name}.raw.image must contain '{{case}}', got {template!r}")
+    pattern = template.replace("{case_digits}", "*").replace("{case}", "*")
+    pre, post = template.split("{case}", 1)
+    regex = re.compile(
+        "^" + re.escape(pre).replace(re.escape("{case_digits}"), r"\d+") + r"(?P<case>[^/]+?)"
+        + re.escape(post).replace(re.escape("{case_digits}"), r"\d+") + "$"
+    )
+    cases = set()
+    for path in root.glob(pattern):
+        m = regex.match(path.relative_to(root).as_posix())
+        if m:
+            cases.add(m.group("case"))
+    if not cases:
+        raise RawDataMissing(missing_data_message(name, ds, base))
+    return sorted(cases)
