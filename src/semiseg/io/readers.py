@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from semiseg.errors import CaseError
+from semiseg.io.nifti_scan import NiftiScanError, is_nifti, scan_nifti
 
 #: Tolerances for "the image and the label share geometry".
 SPACING_RTOL = 1e-3
@@ -104,6 +105,13 @@ def read_image(case: str, path: str | Path, *, what: str = "image") -> sitk.Imag
     path = Path(path)
     if not path.exists():
         raise CaseError(case, path, f"{what} file is missing")
+    non_finite = 0
+    if is_nifti(path) and path.is_file():
+        # ITK silently zero-fills truncated .nii.gz files and reads NaN voxels as 0.
+        try:
+            non_finite = scan_nifti(path).non_finite
+        except NiftiScanError as exc:
+            raise CaseError(case, path, f"cannot read {what} (unreadable or truncated file): {exc}") from None
     try:
         if path.is_dir():
             image = _read_dicom_series(case, path)
@@ -115,6 +123,8 @@ def read_image(case: str, path: str | Path, *, what: str = "image") -> sitk.Imag
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip().startswith(("Description", "itk::ERROR"))), None)
         detail = (first or str(exc).strip().splitlines()[-1]).replace("Description:", "").strip()
         raise CaseError(case, path, f"cannot read {what} (unreadable or truncated file): {detail}") from exc
+    if non_finite:
+        raise CaseError(case, path, f"{what} contains {non_finite} NaN or infinite voxels")
     if image.GetDimension() != 3:
         raise CaseError(case, path, f"{what} is {image.GetDimension()}D, expected a 3D volume")
     if image.GetNumberOfComponentsPerPixel() != 1:

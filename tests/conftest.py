@@ -1,0 +1,49 @@
+"""Shared test helpers: write small raw cases in any SimpleITK format."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from semiseg.io.readers import Geometry, from_xyz_array
+
+REPO = Path(__file__).resolve().parents[1]
+LA_H5 = Path(os.environ.get("SEMISEG_LA_H5", REPO.parent / "shared" / "data" / "la2018_h5"))
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def write_volume(path: Path, array: np.ndarray, geometry: Geometry) -> Path:
+    """Write an (x, y, z) array with ``geometry`` to ``path`` (format from the suffix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(from_xyz_array(array, geometry), str(path), useCompression=path.suffix == ".gz")
+    return path
+
+
+def phantom(shape=(40, 36, 20), spacing=(0.8, 0.8, 2.5), origin=(-10.0, 20.0, -30.0), direction=IDENTITY, seed=0):
+    """A small CT-like volume (int16 HU) with an ellipsoid foreground label.
+
+    Returns (image, label, geometry); the body is a cylinder of soft tissue in air.
+    """
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    cx, cy = (shape[0] - 1) / 2, (shape[1] - 1) / 2
+    body = ((x - cx) / (0.4 * shape[0])) ** 2 + ((y - cy) / (0.4 * shape[1])) ** 2 <= 1
+    image = np.full(shape, -1000, dtype=np.int16)
+    image[body] = 40
+    lab = ((x - cx - 3) / 6.0) ** 2 + ((y - cy) / 5.0) ** 2 + ((z - shape[2] / 2) / 3.0) ** 2 <= 1
+    image[lab] = 300  # above the clip window, so clipping is visible
+    image = (image + rng.normal(0, 5, size=shape)).astype(np.int16)
+    geom = Geometry(tuple(shape), tuple(float(s) for s in spacing), tuple(float(o) for o in origin), tuple(direction))
+    return image, lab.astype(np.uint8), geom
+
+
+@pytest.fixture
+def la_h5_dir() -> Path:
+    if not LA_H5.is_dir():
+        pytest.skip(f"real LA cases not found at {LA_H5} (set SEMISEG_LA_H5 to their folder)")
+    return LA_H5
