@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-DEMO_COMMAND = "snakemake --cores 2 results/tables/demo_5pct.csv  (or, for the data stages alone: snakemake --cores 2 all)"
+DEMO_COMMAND = "snakemake --cores 2 all"
 
 
 class RawDataMissing(FileNotFoundError):
@@ -52,7 +52,7 @@ def missing_data_message(name: str, ds: Mapping[str, Any], base: str | Path = ".
     root = Path(base) / ds["raw"]["dir"]
     source = ds.get("source", "see the README's 'Real data' section")
     return (
-        f"data set '{name}': raw data not found at {root} (config key datasets.{name}.raw.dir; "
+        f"data set '{name}': raw data not found at {root} ({root.resolve()}; config key datasets.{name}.raw.dir; "
         f"expected files like {ds['raw']['image']}). Get it from: {source}. "
         f"To try the pipeline without it, run the synthetic demo: {DEMO_COMMAND}"
     )

@@ -138,9 +138,9 @@ def read_image(case: str, path: str | Path, *, what: str = "image") -> sitk.Imag
 
 def to_xyz_array(image: sitk.Image, dtype=None) -> np.ndarray:
     """Copy a SimpleITK image to a NumPy array in (x, y, z) order."""
-    arr = sitk.GetArrayFromImage(image)
-    arr = np.ascontiguousarray(arr.transpose(2, 1, 0))
-    return arr if dtype is None else arr.astype(dtype, copy=False)
+    view = sitk.GetArrayViewFromImage(image)  # no copy; the one copy is the transpose
+    arr = np.ascontiguousarray(view.transpose(2, 1, 0), dtype=dtype)
+    return arr
 
 
 def from_xyz_array(array: np.ndarray, geometry: Geometry | None = None) -> sitk.Image:

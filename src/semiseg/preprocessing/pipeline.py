@@ -198,7 +198,10 @@ def preprocess_case(
 
     # Clip and resample only the raw region that the crop needs.
     start, size = covering_region(raw_geom, crop_grid)
-    region = sitk.RegionOfInterest(image, size, start)
+    if list(size) == list(raw_geom.size):
+        region = image  # the whole volume: no copy
+    else:
+        region = sitk.RegionOfInterest(image, size, start)
     del image
     if params.intensity_clip is not None:
         region = clip_intensity(region, *params.intensity_clip)

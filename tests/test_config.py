@@ -1,0 +1,91 @@
+"""Config validation: defaults filled in, invalid values named by their key."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from semiseg.config import load_config, validate_config
+from semiseg.datasets import RawDataMissing, list_cases, raw_case_paths
+from semiseg.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def raw_config():
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def test_project_config_is_valid_with_paper_values():
+    cfg = load_config(REPO / "config.yaml")
+    ds = cfg["datasets"]
+    assert set(ds) >= {"pancreas", "colon", "la", "demo"}
+    assert ds["pancreas"]["preprocessing"]["intensity_clip"] == [-125, 275]
+    assert ds["pancreas"]["preprocessing"]["target_spacing"] == [1.0, 1.0, 1.0]
+    assert ds["pancreas"]["preprocessing"]["crop_margin"] == 25
+    assert ds["pancreas"]["patch_size"] == [96, 96, 96] and ds["pancreas"]["stride"] == [16, 16, 16]
+    assert ds["la"]["patch_size"] == [112, 112, 80] and ds["la"]["stride"] == [18, 18, 4]
+    assert ds["pancreas"]["splits"]["5pct"]["lambda_c"] == 0.01 and ds["pancreas"]["splits"]["20pct"]["lambda_c"] == 0.09
+    assert ds["colon"]["splits"]["5pct"]["lambda_c"] == 0.03
+    assert ds["pancreas"]["splits"]["5pct"]["lambda_r"] == 0.1  # default from the schema
+    assert cfg["device"] == "auto"
+
+
+def test_defaults_filled(raw_config):
+    del raw_config["datasets"]["demo"]["preprocessing"]["crop_margin"]
+    del raw_config["device"]
+    cfg = validate_config(raw_config)
+    assert cfg["datasets"]["demo"]["preprocessing"]["crop_margin"] == 25 and cfg["device"] == "auto"
+    assert cfg["datasets"]["demo"]["preprocessing"]["interpolation"] == "linear"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "key"),
+    [
+        (("datasets", "demo", "preprocessing", "crop_margin"), -1, "datasets.demo.preprocessing.crop_margin"),
+        (("datasets", "demo", "preprocessing", "crop_source"), "lungs", "datasets.demo.preprocessing.crop_source"),
+        (("datasets", "demo", "patch_size"), [64, 64, 30], "datasets.demo.patch_size.2"),
+        (("datasets", "la", "modality"), "PET", "datasets.la.modality"),
+        (("datasets", "demo", "splits", "5pct", "lambda_c"), -0.5, "datasets.demo.splits.5pct.lambda_c"),
+        (("device",), "gpu", "device"),
+    ],
+)
+def test_invalid_value_names_key(raw_config, path, value, key):
+    cfg = copy.deepcopy(raw_config)
+    node = cfg
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(cfg)
+
+
+def test_unknown_key_rejected(raw_config):
+    raw_config["datasets"]["demo"]["preprocesing"] = {}
+    with pytest.raises(ConfigError, match="preprocesing"):
+        validate_config(raw_config)
+
+
+def test_raw_paths_and_case_listing(tmp_path):
+    ds = {"raw": {"dir": str(tmp_path), "image": "Pancreas-CT/{case}", "label": "labels/label{case_digits}.nii.gz"}}
+    img, lab = raw_case_paths(ds, "PANCREAS_0007")
+    assert img == tmp_path / "Pancreas-CT" / "PANCREAS_0007" and lab == tmp_path / "labels" / "label0007.nii.gz"
+    for c in ("PANCREAS_0001", "PANCREAS_0002"):
+        (tmp_path / "Pancreas-CT" / c).mkdir(parents=True)
+    assert list_cases("pancreas", ds) == ["PANCREAS_0001", "PANCREAS_0002"]
+    msd = {"raw": {"dir": str(tmp_path / "msd"), "image": "imagesTr/{case}.nii.gz"}}
+    (tmp_path / "msd" / "imagesTr").mkdir(parents=True)
+    for c in ("colon_001", "colon_005"):
+        (tmp_path / "msd" / "imagesTr" / f"{c}.nii.gz").touch()
+    (tmp_path / "msd" / "imagesTr" / "._colon_001.txt").touch()
+    assert list_cases("colon", msd) == ["colon_001", "colon_005"]
+
+
+def test_missing_raw_data_message(tmp_path):
+    ds = {"raw": {"dir": str(tmp_path / "nowhere"), "image": "imagesTr/{case}.nii.gz"}, "source": "http://example.org/data"}
+    with pytest.raises(RawDataMissing) as info:
+        list_cases("colon", ds)
+    msg = str(info.value)
+    assert str(tmp_path / "nowhere") in msg and "http://example.org/data" in msg and "demo" in msg

@@ -1,0 +1,170 @@
+"""The Snakemake workflow: dry run, lint, config errors, bad cases with --keep-going,
+a micro end-to-end run, and "change one value, rebuild only what depends on it"."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import phantom, write_volume
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def smk(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    return subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, cwd=workdir)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Rule -> job count from a run's 'Job stats' table (empty when nothing to do)."""
+    table = output.split("Job stats:", 1)
+    counts: dict[str, int] = {}
+    if len(table) == 2:
+        for line in table[1].splitlines()[3:]:
+            m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
+            if not m:
+                break
+            if m.group(1) != "total":
+                counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def micro_config(**demo_overrides) -> dict:
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    demo = cfg["datasets"]["demo"]
+    demo["generate"]["num_cases"] = 4
+    demo["split"] = {"seed": 0, "test_count": 1}
+    demo["splits"] = {"5pct": {"labelled_percent": 5, "lambda_c": 0.01}, "50pct": {"labelled_percent": 50, "lambda_c": 0.09}}
+    demo["preprocessing"]["target_spacing"] = [2.0, 2.0, 2.0]
+    demo.update(demo_overrides)
+    return {"device": "auto", "datasets": {"demo": demo}}
+
+
+def write_config(workdir: Path, cfg: dict) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def test_dry_run_of_demo_target(tmp_path):
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    res = smk(tmp_path, "-n", "all")
+    assert res.returncode == 0, res.stderr
+    counts = job_counts(res.stdout + res.stderr)
+    assert counts == {"generate_demo": 1, "preprocess_case": 40, "preprocessing_summary": 1, "make_split": 2, "all": 1}
+
+
+def test_lint_clean():
+    res = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], capture_output=True, encoding="utf-8", errors="replace", cwd=REPO, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and "Congratulations, your workflow is in a good condition" in out, out
+
+
+def test_snakefmt_clean():
+    files = [str(REPO / "Snakefile"), *map(str, sorted((REPO / "workflow" / "rules").glob("*.smk")))]
+    res = subprocess.run([sys.executable, "-m", "snakefmt", "--check", *files], capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_invalid_config_fails_before_any_job(tmp_path):
+    cfg = micro_config()
+    cfg["datasets"]["demo"]["preprocessing"]["crop_margin"] = -3
+    write_config(tmp_path, cfg)
+    res = smk(tmp_path, "--cores", "1", "all")
+    assert res.returncode != 0
+    assert "datasets.demo.preprocessing.crop_margin" in res.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_real_data_fails_at_once(tmp_path):
+    cfg = micro_config()
+    cfg["datasets"]["colon"] = yaml.safe_load((REPO / "config.yaml").read_text())["datasets"]["colon"]
+    write_config(tmp_path, cfg)
+    res = smk(tmp_path, "-n", "results/preprocessed/colon/summary.tsv")
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert "data/Task10_Colon" in out and "medicaldecathlon" in out and "snakemake --cores" in out
+
+
+def test_keep_going_with_bad_cases(tmp_path):
+    raw = tmp_path / "rawdata"
+    for i in range(3):
+        image, label, geom = phantom(seed=i)
+        write_volume(raw / "imagesTr" / f"ok_{i}.nii.gz", image, geom)
+        write_volume(raw / "labelsTr" / f"ok_{i}.nii.gz", label, geom)
+    image, label, geom = phantom(seed=9)
+    write_volume(raw / "imagesTr" / "empty_1.nii.gz", image, geom)
+    write_volume(raw / "labelsTr" / "empty_1.nii.gz", np.zeros_like(label), geom)
+    good = write_volume(raw / "imagesTr" / "trunc_1.nii.gz", image, geom)
+    good.write_bytes(gzip.compress(gzip.decompress(good.read_bytes())[:-500]))
+    write_volume(raw / "labelsTr" / "trunc_1.nii.gz", label, geom)
+    cfg = micro_config()
+    cfg["datasets"]["mini"] = {
+        "modality": "CT", "classes": ["background", "organ"],
+        "raw": {"dir": str(raw), "image": "imagesTr/{case}.nii.gz", "label": "labelsTr/{case}.nii.gz"},
+        "preprocessing": {"intensity_clip": [-125, 275], "target_spacing": [1.0, 1.0, 1.0], "crop_margin": 4},
+        "patch_size": [32, 32, 32], "stride": [16, 16, 16],
+        "split": {"test_count": 1}, "splits": {"all": {"labelled_percent": 100}},
+    }
+    write_config(tmp_path, cfg)
+    res = smk(tmp_path, "--cores", "2", "--keep-going", "results/preprocessed/mini/summary.tsv")
+    assert res.returncode != 0
+    out = tmp_path / "results" / "preprocessed" / "mini"
+    assert sorted(p.name for p in out.iterdir()) == ["ok_0.h5", "ok_1.h5", "ok_2.h5"]
+    logs = tmp_path / "results" / "logs" / "preprocess" / "mini"
+    empty_log = (logs / "empty_1.log").read_text()
+    assert re.search(r"ERROR case empty_1: \S*labelsTr/empty_1.nii.gz: label is empty", empty_log)
+    trunc_log = (logs / "trunc_1.log").read_text()
+    assert re.search(r"ERROR case trunc_1: \S*imagesTr/trunc_1.nii.gz: cannot read image .*truncated", trunc_log)
+    assert "case empty_1" in res.stderr and "case trunc_1" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("micro")
+    write_config(wd, micro_config())
+    res = smk(wd, "--cores", "2", "all")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return wd
+
+
+def test_micro_demo_end_to_end(micro_run):
+    res_dir = micro_run / "results"
+    assert len(list((res_dir / "raw" / "demo" / "imagesTr").glob("*.nii.gz"))) == 4
+    assert len(list((res_dir / "preprocessed" / "demo").glob("*.h5"))) == 4
+    summary = (res_dir / "preprocessed" / "demo" / "summary.tsv").read_text().splitlines()
+    assert len(summary) == 5 and summary[0].startswith("case\tshape")
+    for split, n_lab in (("5pct", 1), ("50pct", 2)):
+        d = res_dir / "splits" / "demo" / split
+        assert len(d.joinpath("labelled.txt").read_text().split()) == n_lab
+        assert len(d.joinpath("test.txt").read_text().split()) == 1
+    assert smk(micro_run, "-n", "all").stdout.count("rule ") == 0  # up to date
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda d: d["preprocessing"].update(crop_margin=3), {"preprocess_case": 4, "preprocessing_summary": 1, "all": 1}),
+        (lambda d: d["splits"]["50pct"].update(labelled_percent=70), {"make_split": 1, "all": 1}),
+        (lambda d: d["split"].update(seed=5), {"make_split": 2, "all": 1}),
+        (lambda d: d["splits"]["5pct"].update(lambda_c=0.5), {}),  # no rule of these stages uses it
+    ],
+    ids=["crop_margin", "labelled_percent", "split_seed", "lambda_c"],
+)
+def test_change_one_value_reruns_only_dependents(micro_run, change, expected):
+    cfg = micro_config()
+    change(cfg["datasets"]["demo"])
+    write_config(micro_run, cfg)
+    try:
+        res = smk(micro_run, "-n", "all")
+        assert res.returncode == 0, res.stderr
+        assert job_counts(res.stdout + res.stderr) == expected
+    finally:
+        write_config(micro_run, micro_config())
