@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def raw_config():
-    return yaml.safe_load((REPO / "config.yaml").read_text())
+    return yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
 
 
 def test_project_config_is_valid_with_paper_values():

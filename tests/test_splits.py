@@ -71,8 +71,8 @@ def test_write_and_load(tmp_path):
     s = make_split(CASES, seed=0, test_fraction=0.2, labelled_percent=20)
     write_split(s, tmp_path / "s", extra={"dataset": "x"})
     assert load_split(tmp_path / "s") == s
-    assert (tmp_path / "s" / "labelled.txt").read_text().split() == s.labelled
-    rec = json.loads((tmp_path / "s" / "split.json").read_text())
+    assert (tmp_path / "s" / "labelled.txt").read_text(encoding="utf-8").split() == s.labelled
+    rec = json.loads((tmp_path / "s" / "split.json").read_text(encoding="utf-8"))
     assert rec["counts"] == {"test": 8, "labelled": 6, "unlabelled": 26} and rec["dataset"] == "x"
 
 

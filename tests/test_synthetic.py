@@ -86,7 +86,7 @@ def test_geometry_variety(cases):
 
 def test_write_demo_dataset_msd_layout(tmp_path):
     ids = write_demo_dataset(tmp_path, num_cases=2, seed=5)
-    meta = json.loads((tmp_path / "dataset.json").read_text())
+    meta = json.loads((tmp_path / "dataset.json").read_text(encoding="utf-8"))
     assert meta["numTraining"] == 2 and meta["labels"]["1"] == "pancreas"
     for cid in ids:
         img = sitk.ReadImage(str(tmp_path / "imagesTr" / f"{cid}.nii.gz"))

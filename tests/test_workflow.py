@@ -38,7 +38,7 @@ def job_counts(output: str) -> dict[str, int]:
 
 
 def micro_config(**demo_overrides) -> dict:
-    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
     demo = cfg["datasets"]["demo"]
     demo["generate"]["num_cases"] = 4
     demo["split"] = {"seed": 0, "test_count": 1}
@@ -50,11 +50,11 @@ def micro_config(**demo_overrides) -> dict:
 
 def write_config(workdir: Path, cfg: dict) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
 
 
 def test_dry_run_of_demo_target(tmp_path):
-    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text(encoding="utf-8"), encoding="utf-8")
     res = smk(tmp_path, "-n", "all")
     assert res.returncode == 0, res.stderr
     counts = job_counts(res.stdout + res.stderr)
@@ -85,7 +85,7 @@ def test_invalid_config_fails_before_any_job(tmp_path):
 
 def test_missing_real_data_fails_at_once(tmp_path):
     cfg = micro_config()
-    cfg["datasets"]["colon"] = yaml.safe_load((REPO / "config.yaml").read_text())["datasets"]["colon"]
+    cfg["datasets"]["colon"] = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))["datasets"]["colon"]
     write_config(tmp_path, cfg)
     res = smk(tmp_path, "-n", "results/preprocessed/colon/summary.tsv")
     assert res.returncode != 0
@@ -119,9 +119,9 @@ def test_keep_going_with_bad_cases(tmp_path):
     out = tmp_path / "results" / "preprocessed" / "mini"
     assert sorted(p.name for p in out.iterdir()) == ["ok_0.h5", "ok_1.h5", "ok_2.h5"]
     logs = tmp_path / "results" / "logs" / "preprocess" / "mini"
-    empty_log = (logs / "empty_1.log").read_text()
+    empty_log = (logs / "empty_1.log").read_text(encoding="utf-8")
     assert re.search(r"ERROR case empty_1: \S*labelsTr/empty_1.nii.gz: label is empty", empty_log)
-    trunc_log = (logs / "trunc_1.log").read_text()
+    trunc_log = (logs / "trunc_1.log").read_text(encoding="utf-8")
     assert re.search(r"ERROR case trunc_1: \S*imagesTr/trunc_1.nii.gz: cannot read image .*truncated", trunc_log)
     assert "case empty_1" in res.stderr and "case trunc_1" in res.stderr
 
@@ -139,12 +139,12 @@ def test_micro_demo_end_to_end(micro_run):
     res_dir = micro_run / "results"
     assert len(list((res_dir / "raw" / "demo" / "imagesTr").glob("*.nii.gz"))) == 4
     assert len(list((res_dir / "preprocessed" / "demo").glob("*.h5"))) == 4
-    summary = (res_dir / "preprocessed" / "demo" / "summary.tsv").read_text().splitlines()
+    summary = (res_dir / "preprocessed" / "demo" / "summary.tsv").read_text(encoding="utf-8").splitlines()
     assert len(summary) == 5 and summary[0].startswith("case\tshape")
     for split, n_lab in (("5pct", 1), ("50pct", 2)):
         d = res_dir / "splits" / "demo" / split
-        assert len(d.joinpath("labelled.txt").read_text().split()) == n_lab
-        assert len(d.joinpath("test.txt").read_text().split()) == 1
+        assert len(d.joinpath("labelled.txt").read_text(encoding="utf-8").split()) == n_lab
+        assert len(d.joinpath("test.txt").read_text(encoding="utf-8").split()) == 1
     assert smk(micro_run, "-n", "all").stdout.count("rule ") == 0  # up to date
 
 
