@@ -17,3 +17,22 @@ def test_top_level_layout():
                  "pyproject.toml", "README.md", "docs/benchmarks.md", "docs/method-choices.md"):
         assert (REPO / path).exists(), path
     assert "results/" in (REPO / ".gitignore").read_text(encoding="utf-8").split()
+
+
+def test_conda_env_mirrors_package_dependencies():
+    import re
+    import tomllib
+
+    import yaml
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    names = {re.split(r"[<>=!~ ]", d, maxsplit=1)[0].lower() for d in deps}
+    env = yaml.safe_load((REPO / "envs" / "semiseg.yaml").read_text(encoding="utf-8"))
+    conda = set()
+    for d in env["dependencies"]:
+        items = d["pip"] if isinstance(d, dict) else [d]
+        conda |= {re.split(r"[<>=!~ ]", i, maxsplit=1)[0].lower() for i in items}
+    conda_names = {"pytorch": "torch", "matplotlib-base": "matplotlib"}
+    conda = {conda_names.get(n, n) for n in conda}
+    # snakemake runs the jobs; it need not be inside the jobs' environment.
+    assert names - {"snakemake"} <= conda, names - conda
