@@ -1,0 +1,176 @@
+"""Loss functions of both stages, as pure, typed functions.
+
+Shapes: ``B`` batch, ``C`` classes, ``S`` Monte-Carlo samples, ``(X, Y, Z)`` a crop, ``V``
+its voxel count, ``N`` sampled voxels, ``F`` feature channels. Every loss is finite on crops
+with no foreground or no boundary voxel (the released code divided by zero there).
+Equation numbers are the paper's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+DICE_EPS = 1e-5
+
+
+def mc_integral_nll(logit_samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Monte-Carlo integral negative log-likelihood (Eq. 3-4), per voxel.
+
+    ``logit_samples`` (S, B, C, X, Y, Z) logit samples; ``target`` (B, X, Y, Z) int64 class
+    indices. Returns the batch mean of
+    ``[-logsumexp_s(sum_v log_softmax(g_s)[v, y_v]) + log S] / V`` (scalar).
+    """
+    if logit_samples.ndim != 6:
+        raise ValueError(f"logit_samples must be (S, B, C, X, Y, Z), got {tuple(logit_samples.shape)}")
+    s, b = logit_samples.shape[:2]
+    if target.shape != (b, *logit_samples.shape[3:]):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logit samples {tuple(logit_samples.shape)}")
+    logp = F.log_softmax(logit_samples.float(), dim=2)
+    index = target.long().unsqueeze(0).unsqueeze(2).expand(s, b, 1, *target.shape[1:])
+    per_sample = logp.gather(2, index).flatten(2).sum(-1)  # (S, B): log p(y | g_s)
+    voxels = math.prod(target.shape[1:])
+    nll = -torch.logsumexp(per_sample, dim=0) + math.log(s)  # (B,)
+    return (nll / voxels).mean()
+
+
+def _pairwise_dice_distance(p: torch.Tensor, q: torch.Tensor, eps: float = DICE_EPS) -> torch.Tensor:
+    """Class-mean soft Dice distance between every sample of ``p`` and of ``q``.
+
+    ``p`` (S, B, C, V), ``q`` (T, B, C, V) -> (S, T, B):
+    ``1 - mean_c (2 sum_v p_c q_c + eps) / (sum_v p_c^2 + sum_v q_c^2 + eps)``.
+    """
+    inner = torch.einsum("sbcv,tbcv->stbc", p, q)
+    pp = (p * p).sum(-1)  # (S, B, C)
+    qq = (q * q).sum(-1)  # (T, B, C)
+    ratio = (2 * inner + eps) / (pp[:, None] + qq[None] + eps)
+    return 1 - ratio.mean(-1)
+
+
+def generalized_energy_distance(student_probs: torch.Tensor, teacher_probs: torch.Tensor, eps: float = DICE_EPS) -> torch.Tensor:
+    """Generalised energy distance between student and teacher samples (Eq. 6-7).
+
+    ``student_probs``, ``teacher_probs``: (S, B, C, X, Y, Z) softmax probabilities of S
+    samples each. Returns (B,): ``2 mean d(s, t) - mean d(s, s') - mean d(t, t')`` over all
+    S x S pairs (diagonal included), with ``d`` the class-mean soft Dice distance
+    (background included, eps 1e-5).
+    """
+    if student_probs.ndim != 6 or teacher_probs.shape[1:] != student_probs.shape[1:]:
+        raise ValueError(f"expected two (S, B, C, X, Y, Z) tensors, got {tuple(student_probs.shape)} and {tuple(teacher_probs.shape)}")
+    p = student_probs.float().flatten(3)
+    q = teacher_probs.float().flatten(3)
+    cross = _pairwise_dice_distance(p, q, eps).mean((0, 1))
+    ss = _pairwise_dice_distance(p, p, eps).mean((0, 1))
+    tt = _pairwise_dice_distance(q, q, eps).mean((0, 1))
+    return 2 * cross - ss - tt
+
+
+def boundary_band(labels: torch.Tensor) -> torch.Tensor:
+    """Voxels with a voxel of another class in their 3 x 3 x 3 neighbourhood.
+
+    ``labels`` (B, X, Y, Z) int -> bool (B, X, Y, Z): a one-voxel band on both sides of
+    every label boundary. The volume's edge is not a boundary (edge-replicated padding).
+    """
+    if labels.ndim != 4:
+        raise ValueError(f"labels must be (B, X, Y, Z), got {tuple(labels.shape)}")
+    x = labels.float().unsqueeze(1)
+    padded = F.pad(x, (1, 1, 1, 1, 1, 1), mode="replicate")
+    hi = F.max_pool3d(padded, 3, stride=1)
+    lo = -F.max_pool3d(-padded, 3, stride=1)
+    return ((hi != x) | (lo != x)).squeeze(1)
+
+
+def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """Supervised contrastive loss (Eq. 10).
+
+    ``features`` (N, F) unit-norm embeddings, ``labels`` (N,). For each anchor ``i``:
+    ``-1/|P(i)| sum_{p in P(i)} log(exp(f_i.f_p / t) / sum_{o != i} exp(f_i.f_o / t))``,
+    averaged over the anchors with at least one positive. Returns 0 (keeping the graph)
+    when no anchor has a positive.
+    """
+    n = features.shape[0]
+    if features.ndim != 2 or labels.shape != (n,):
+        raise ValueError(f"expected features (N, F) and labels (N,), got {tuple(features.shape)} and {tuple(labels.shape)}")
+    if n < 2:
+        return features.sum() * 0.0
+    f = features.float()
+    logits = f @ f.T / temperature
+    self_mask = torch.eye(n, dtype=torch.bool, device=f.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    n_pos = positives.sum(1)
+    has_pos = n_pos > 0
+    if not bool(has_pos.any()):
+        return features.sum() * 0.0
+    pos_sum = log_prob.masked_fill(~positives, 0.0).sum(1)
+    per_anchor = -pos_sum[has_pos] / n_pos[has_pos]
+    return per_anchor.mean()
+
+
+def boundary_contrastive_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    max_samples: int = 9000,
+    temperature: float = 0.07,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Boundary-aware contrastive loss (BCL, Eq. 10 on near-boundary voxels).
+
+    ``features`` (B, F, X, Y, Z) projection-head embeddings, ``labels`` (B, X, Y, Z). Per
+    crop, up to ``max_samples`` voxels of :func:`boundary_band` are drawn (without
+    replacement, with ``generator``); each sampled row is one voxel's F-vector (indexing the
+    channels-last tensor, not the released code's channel-mixing view). The supervised
+    contrastive loss is averaged over the crops that have any band voxel; 0 (keeping the
+    graph) when none has.
+    """
+    if features.ndim != 5 or labels.shape != (features.shape[0], *features.shape[2:]):
+        raise ValueError(f"expected features (B, F, X, Y, Z) and labels (B, X, Y, Z), got {tuple(features.shape)} and {tuple(labels.shape)}")
+    band = boundary_band(labels)
+    losses = []
+    for b in range(features.shape[0]):
+        idx = torch.nonzero(band[b].flatten(), as_tuple=False).squeeze(1)
+        if idx.numel() == 0:
+            continue
+        if idx.numel() > max_samples:
+            pick = torch.randperm(idx.numel(), generator=generator, device=generator.device if generator is not None else "cpu")[:max_samples]
+            idx = idx[pick.to(idx.device)]
+        rows = features[b].flatten(1).T[idx]  # (n, F): voxel v's embedding is column v
+        losses.append(supervised_contrastive_loss(rows, labels[b].flatten()[idx], temperature))
+    if not losses:
+        return features.sum() * 0.0
+    return torch.stack(losses).mean()
+
+
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = DICE_EPS, include_background: bool = False) -> torch.Tensor:
+    """Soft Dice loss (V-Net form), ``1 - mean_c (2 sum p_c y_c + eps) / (sum p_c^2 + sum y_c^2 + eps)``.
+
+    ``probs`` (B, C, X, Y, Z) softmax probabilities, ``target`` (B, X, Y, Z) int64. Sums run
+    over the whole batch (as UA-MT's ``dice_loss``); classes 1.. by default. Finite (and 0
+    for a perfect empty prediction) on crops with no foreground.
+    """
+    c = probs.shape[1]
+    onehot = F.one_hot(target.long(), c).movedim(-1, 1).to(probs.dtype)
+    dims = (0, *range(2, probs.ndim))
+    inter = (probs * onehot).sum(dims)
+    denom = (probs * probs).sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + eps) / (denom + eps)
+    if not include_background:
+        dice = dice[1:]
+    return 1 - dice.mean()
+
+
+def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Average of cross-entropy and soft Dice (Eq. 15's L_sup_ced); logits (B, C, X, Y, Z)."""
+    logits = logits.float()
+    return 0.5 * (F.cross_entropy(logits, target.long()) + soft_dice_loss(torch.softmax(logits, 1), target))
+
+
+def consistency_weight(iteration: int, max_weight: float = 0.15, rampup: int = 6000) -> float:
+    """lambda_g(t) = max_weight * exp(-5 (1 - t / rampup)^2), constant after ``rampup``."""
+    if rampup <= 0:
+        return max_weight
+    t = min(max(iteration, 0), rampup) / rampup
+    return max_weight * math.exp(-5.0 * (1.0 - t) ** 2)
