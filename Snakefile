@@ -12,6 +12,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/splits.smk"
+include: "workflow/rules/stage1.smk"
 
 
 rule all:

@@ -89,3 +89,12 @@ def test_missing_raw_data_message(tmp_path):
         list_cases("colon", ds)
     msg = str(info.value)
     assert str(tmp_path / "nowhere") in msg and "http://example.org/data" in msg and "demo" in msg
+
+
+def test_dataset_training_overrides_are_validated(raw_config):
+    raw_config["datasets"]["demo"]["training"]["iterations"] = 0
+    with pytest.raises(ConfigError, match=r"datasets\.demo\.training\.iterations"):
+        validate_config(raw_config)
+    raw_config["datasets"]["demo"]["training"] = {"iteratons": 5}
+    with pytest.raises(ConfigError, match="iteratons"):
+        validate_config(raw_config)

@@ -55,11 +55,22 @@ def validate_config(config: dict[str, Any], schema_path: str | Path | None = Non
     with open(path, encoding="utf-8") as fh:
         schema = yaml.safe_load(fh)
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(list(e.absolute_path)), _key_path(e)))
+    _raise_first(validator.iter_errors(config), prefix="")
+    # A data set's training block overrides single keys of the top-level one: validate the merge.
+    training_schema = {"$defs": schema["$defs"], **schema["$defs"]["training"]}
+    plain = jsonschema.Draft202012Validator(training_schema)
+    for name, ds in config.get("datasets", {}).items():
+        if ds.get("training"):
+            merged = {**config.get("training", {}), **ds["training"]}
+            _raise_first(plain.iter_errors(merged), prefix=f"datasets.{name}.training.")
+    return config
+
+
+def _raise_first(errors, prefix: str) -> None:
+    errors = list(errors)
     if errors:
         err = jsonschema.exceptions.best_match(errors)
-        raise ConfigError(f"invalid configuration: {_key_path(err)}: {err.message}")
-    return config
+        raise ConfigError(f"invalid configuration: {prefix}{_key_path(err)}: {err.message}")
 
 
 def load_config(path: str | Path, schema_path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

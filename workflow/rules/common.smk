@@ -33,6 +33,8 @@ DATASETS = config["datasets"]
 GENERATED = [name for name, ds in DATASETS.items() if ds.get("generate")]
 RESULTS = "results"
 
+STAGE1_METHODS_PATTERN = ("supervised", "aua", "aua_bcl")
+
 SPLIT_SELECTION_KEYS = (
     "labelled_percent",
     "labelled_number",
@@ -45,6 +47,7 @@ wildcard_constraints:
     dataset="|".join(DATASETS),
     case="[A-Za-z0-9_.-]+",
     split="[A-Za-z0-9]+",
+    method="|".join(STAGE1_METHODS_PATTERN),
 
 
 _CASES = {}
@@ -117,3 +120,110 @@ def data_targets(dataset):
 def default_targets():
     """The data stages of every generated (demo) data set."""
     return [t for name in GENERATED for t in data_targets(name)]
+
+
+# ---- training ---------------------------------------------------------------------
+
+STAGE1_METHODS = ("supervised", "aua", "aua_bcl")
+# Hyperparameters each method uses (its rule's params hold exactly these).
+TRAIN_COMMON = (
+    "iterations",
+    "lr",
+    "lr_step",
+    "lr_gamma",
+    "momentum",
+    "weight_decay",
+    "labelled_batch",
+    "base_filters",
+    "dropout",
+    "seed",
+    "amp",
+)
+MEAN_TEACHER = (
+    "unlabelled_batch",
+    "ema_decay",
+    "teacher_noise_sd",
+    "teacher_noise_clip",
+    "consistency_max",
+    "consistency_rampup",
+    "samples",
+    "rank",
+)
+METHOD_KEYS = {
+    "supervised": TRAIN_COMMON,
+    "fully_supervised": TRAIN_COMMON + ("unlabelled_batch",),
+    "aua": TRAIN_COMMON + MEAN_TEACHER,
+    "aua_bcl": TRAIN_COMMON
+    + MEAN_TEACHER
+    + ("bcl_max_samples", "bcl_temperature", "projection_channels"),
+}
+RUNTIME_KEYS = ("checkpoint_every", "num_workers")
+
+
+def training_settings(dataset):
+    """The top-level training block with the data set's overrides."""
+    return {**config["training"], **DATASETS[dataset].get("training", {})}
+
+
+def train_params(dataset, method, split=None):
+    """Exactly the hyperparameters one training run uses."""
+    merged = training_settings(dataset)
+    params = {k: merged[k] for k in METHOD_KEYS[method]}
+    params.update(
+        method=method,
+        patch_size=DATASETS[dataset]["patch_size"],
+        num_classes=len(DATASETS[dataset]["classes"]),
+    )
+    if method == "aua_bcl":
+        params["lambda_c"] = DATASETS[dataset]["splits"][split]["lambda_c"]
+    return params
+
+
+def runtime_settings(dataset):
+    """Settings that change how, not what, a run computes (not in params)."""
+    merged = training_settings(dataset)
+    return {"device": config["device"], **{k: merged[k] for k in RUNTIME_KEYS}}
+
+
+_SPLITS = {}
+
+
+def split_of(dataset, split):
+    """The split lists, computed at parse time exactly as make_split writes them."""
+    from semiseg.splits import split_from_config
+
+    key = (dataset, split)
+    if key not in _SPLITS:
+        selection = {
+            k: v
+            for k, v in DATASETS[dataset]["splits"][split].items()
+            if k in SPLIT_SELECTION_KEYS
+        }
+        _SPLITS[key] = split_from_config(
+            cases(dataset), DATASETS[dataset]["split"], selection
+        )
+    return _SPLITS[key]
+
+
+def case_files(dataset, ids):
+    return [f"{RESULTS}/preprocessed/{dataset}/{c}.h5" for c in ids]
+
+
+def stage1_inputs(wildcards):
+    s = split_of(wildcards.dataset, wildcards.split)
+    return {
+        "split": f"{RESULTS}/splits/{wildcards.dataset}/{wildcards.split}/split.json",
+        "labelled": case_files(wildcards.dataset, s.labelled),
+        "unlabelled": case_files(wildcards.dataset, s.unlabelled),
+    }
+
+
+def fully_supervised_inputs(wildcards):
+    """Every training case (those of the data set's first split: the same for all splits)."""
+    first = next(iter(DATASETS[wildcards.dataset]["splits"]))
+    s = split_of(wildcards.dataset, first)
+    return {
+        "split": f"{RESULTS}/splits/{wildcards.dataset}/{first}/split.json",
+        "labelled": case_files(wildcards.dataset, s.labelled + s.unlabelled),
+        "unlabelled": [],
+    }

@@ -1,0 +1,195 @@
+"""V-Net in the UA-MT layout, with the method's aleatoric and projection heads.
+
+Backbone: widths w-2w-4w-8w-16w (w = ``base_filters``, 16 in the paper), 3x3x3 conv blocks
+of 1/2/3/3/3 convs in the encoder and 3/3/2/1 in the decoder, each conv followed by batch
+norm and ReLU; stride-2 2x2x2 convs down, stride-2 transposed convs up; skips added;
+Dropout3d(p) after the bottleneck and after the last decoder block (training only). Input
+sides must be divisible by 16. About 9.45 M parameters at w = 16 for 2 classes (backbone
++ segmentation head).
+
+Shapes: input (B, in_channels, X, Y, Z); features (B, w, X, Y, Z); logits (B, C, X, Y, Z).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import LowRankMultivariateNormal
+
+
+def _conv_block(n_convs: int, cin: int, cout: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(n_convs):
+        layers += [nn.Conv3d(cin if i == 0 else cout, cout, 3, padding=1), nn.BatchNorm3d(cout), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+def _down(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 2, stride=2), nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
+
+
+def _up(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.ConvTranspose3d(cin, cout, 2, stride=2), nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
+
+
+class VNet(nn.Module):
+    """V-Net backbone: (B, in_channels, X, Y, Z) -> features (B, base_filters, X, Y, Z)."""
+
+    def __init__(self, in_channels: int = 1, base_filters: int = 16, dropout: float = 0.5) -> None:
+        super().__init__()
+        w = base_filters
+        self.enc1, self.down1 = _conv_block(1, in_channels, w), _down(w, 2 * w)
+        self.enc2, self.down2 = _conv_block(2, 2 * w, 2 * w), _down(2 * w, 4 * w)
+        self.enc3, self.down3 = _conv_block(3, 4 * w, 4 * w), _down(4 * w, 8 * w)
+        self.enc4, self.down4 = _conv_block(3, 8 * w, 8 * w), _down(8 * w, 16 * w)
+        self.enc5, self.up5 = _conv_block(3, 16 * w, 16 * w), _up(16 * w, 8 * w)
+        self.dec6, self.up6 = _conv_block(3, 8 * w, 8 * w), _up(8 * w, 4 * w)
+        self.dec7, self.up7 = _conv_block(3, 4 * w, 4 * w), _up(4 * w, 2 * w)
+        self.dec8, self.up8 = _conv_block(2, 2 * w, 2 * w), _up(2 * w, w)
+        self.dec9 = _conv_block(1, w, w)
+        self.dropout = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
+        self.out_channels = w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(s % 16 for s in x.shape[2:]):
+            raise ValueError(f"V-Net input sides must be divisible by 16, got {tuple(x.shape[2:])}")
+        x1 = self.enc1(x)
+        x2 = self.enc2(self.down1(x1))
+        x3 = self.enc3(self.down2(x2))
+        x4 = self.enc4(self.down3(x3))
+        x5 = self.dropout(self.enc5(self.down4(x4)))
+        x6 = self.dec6(self.up5(x5) + x4)
+        x7 = self.dec7(self.up6(x6) + x3)
+        x8 = self.dec8(self.up7(x7) + x2)
+        return self.dropout(self.dec9(self.up8(x8) + x1))
+
+
+class AleatoricHead(nn.Module):
+    """Three 1x1x1 branches: logit mean (C), rank-r covariance factor (C*r), positive diagonal (C).
+
+    :meth:`distribution` turns them into a ``LowRankMultivariateNormal`` over the flattened
+    logits of each crop (event size C*X*Y*Z, Eq. 5); :meth:`sample` draws S samples
+    antithetically (S/2 reparameterised draws mirrored about the mean).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, rank: int = 8, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_classes, self.rank, self.eps = num_classes, rank, eps
+        self.mean = nn.Conv3d(in_channels, num_classes, 1)
+        self.cov_factor = nn.Conv3d(in_channels, num_classes * rank, 1)
+        self.log_cov_diag = nn.Conv3d(in_channels, num_classes, 1)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean (B, C, X, Y, Z), factor (B, C*r, X, Y, Z), diagonal (B, C, X, Y, Z))."""
+        diag = torch.exp(self.log_cov_diag(features).float().clamp(-20, 10)) + self.eps
+        return self.mean(features), self.cov_factor(features), diag
+
+    @staticmethod
+    def _flatten(mean: torch.Tensor, factor: torch.Tensor, diag: torch.Tensor, rank: int, num_classes: int):
+        b = mean.shape[0]
+        loc = mean.float().reshape(b, -1)
+        # factor (B, C*r, X, Y, Z) -> (B, C, r, V) -> (B, C*V, r), matching loc's (C, V) order.
+        w = factor.float().reshape(b, num_classes, rank, -1).permute(0, 1, 3, 2).reshape(b, -1, rank)
+        return loc, w, diag.float().reshape(b, -1)
+
+    def distribution(self, mean: torch.Tensor, factor: torch.Tensor, diag: torch.Tensor) -> LowRankMultivariateNormal:
+        """``LowRankMultivariateNormal`` over the flattened (C, X, Y, Z) logits of each crop (float32).
+
+        Building it factorises the r x r capacitance matrix (for ``log_prob``/``entropy``);
+        :meth:`sample` does not need that and draws the same samples without it.
+        """
+        loc, w, d = self._flatten(mean, factor, diag, self.rank, self.num_classes)
+        return LowRankMultivariateNormal(loc, w, d, validate_args=False)
+
+    def sample(self, mean: torch.Tensor, factor: torch.Tensor, diag: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """Antithetic reparameterised logit samples, (S, B, C, X, Y, Z) float32.
+
+        S/2 draws ``loc + W eps_W + sqrt(D) eps_D`` (exactly
+        ``LowRankMultivariateNormal.rsample``'s formula and random-number order), each
+        mirrored about the mean (``2 loc - g``).
+        """
+        if num_samples < 2 or num_samples % 2:
+            raise ValueError(f"antithetic sampling needs an even number of samples >= 2, got {num_samples}")
+        loc, w, d = self._flatten(mean, factor, diag, self.rank, self.num_classes)
+        half = num_samples // 2
+        eps_w = torch.randn((half, *loc.shape[:-1], self.rank), dtype=loc.dtype, device=loc.device)
+        eps_d = torch.randn((half, *loc.shape), dtype=loc.dtype, device=loc.device)
+        draws = loc + (w @ eps_w.unsqueeze(-1)).squeeze(-1) + d.sqrt() * eps_d
+        samples = torch.cat([draws, 2 * loc - draws], dim=0)
+        return samples.reshape(num_samples, *mean.shape)
+
+
+class ProjectionHead(nn.Module):
+    """Three 1x1x1 convs (BN + ReLU after the first two), unit L2 norm over channels."""
+
+    def __init__(self, in_channels: int, channels: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv3d(in_channels, channels, 1), nn.BatchNorm3d(channels), nn.ReLU(inplace=True),
+            nn.Conv3d(channels, channels, 1), nn.BatchNorm3d(channels), nn.ReLU(inplace=True),
+            nn.Conv3d(channels, channels, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(features), dim=1)
+
+
+@dataclass
+class NetOutput:
+    """What :class:`SegmentationNet` returns; absent heads give None."""
+
+    logits: torch.Tensor  # (B, C, X, Y, Z): the segmentation logits (= the aleatoric mean)
+    features: torch.Tensor  # (B, w, X, Y, Z): last decoder features
+    cov_factor: torch.Tensor | None = None
+    cov_diag: torch.Tensor | None = None
+    projection: torch.Tensor | None = None  # (B, P, X, Y, Z), unit norm
+
+
+class SegmentationNet(nn.Module):
+    """V-Net + heads. The aleatoric head's mean branch is the segmentation head.
+
+    With ``aleatoric=False`` only the mean branch (a 1x1x1 conv, the plain V-Net's output
+    layer) is built; ``projection`` adds the BCL projection head.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        base_filters: int = 16,
+        dropout: float = 0.5,
+        aleatoric: bool = True,
+        rank: int = 8,
+        projection: bool = True,
+        projection_channels: int = 16,
+    ) -> None:
+        super().__init__()
+        self.config = {
+            "in_channels": in_channels, "num_classes": num_classes, "base_filters": base_filters,
+            "dropout": dropout, "aleatoric": aleatoric, "rank": rank, "projection": projection,
+            "projection_channels": projection_channels,
+        }
+        self.backbone = VNet(in_channels, base_filters, dropout)
+        self.aleatoric = AleatoricHead(base_filters, num_classes, rank) if aleatoric else None
+        self.seg_head = None if aleatoric else nn.Conv3d(base_filters, num_classes, 1)
+        self.projection = ProjectionHead(base_filters, projection_channels) if projection else None
+
+    def forward(self, x: torch.Tensor, heads: bool = True) -> NetOutput:
+        """``heads=False`` skips the covariance and projection branches (inference)."""
+        feats = self.backbone(x)
+        if self.aleatoric is None:
+            return NetOutput(self.seg_head(feats), feats)
+        if not heads:
+            return NetOutput(self.aleatoric.mean(feats), feats)
+        mean, factor, diag = self.aleatoric(feats)
+        proj = self.projection(feats) if self.projection is not None else None
+        return NetOutput(mean, feats, factor, diag, proj)
+
+    def sample_logits(self, out: NetOutput, num_samples: int) -> torch.Tensor:
+        """(S, B, C, X, Y, Z) antithetic logit samples of a forward pass's distribution."""
+        if self.aleatoric is None or out.cov_factor is None:
+            raise ValueError("this network has no aleatoric head (or it was skipped)")
+        return self.aleatoric.sample(out.logits, out.cov_factor, out.cov_diag, num_samples)

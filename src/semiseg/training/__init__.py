@@ -1,0 +1,1 @@
+"""Training: one engine for every method (config variants), checkpoints and resume."""

@@ -1,0 +1,350 @@
+"""The training engine: one loop for every method, which are config variants.
+
+Methods (stage 1):
+
+- ``supervised``: labelled crops only, plain V-Net, 0.5 * (CE + soft Dice).
+- ``fully_supervised``: the same with every training case labelled (the upper bound).
+- ``aua``: mean teacher; 0.5 * (MC-integral NLL / V + soft Dice of the mean logits) on
+  labelled crops + lambda_g(t) * GED between student and teacher samples on unlabelled
+  crops (Eq. 9); lambda_c = 0.
+- ``aua_bcl``: ``aua`` + lambda_c * BCL on the labelled crops' projections (Eq. 14).
+
+Checkpoints (student, teacher, optimiser, scheduler, AMP scaler, RNG states, iteration,
+loss history) are written atomically every ``checkpoint_every`` iterations; a restarted
+run with the same settings resumes from the last one. On the CPU with a fixed seed an
+interrupted-and-resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from semiseg.io.atomic import atomic_path
+from semiseg.losses import (
+    boundary_contrastive_loss,
+    ce_dice_loss,
+    consistency_weight,
+    generalized_energy_distance,
+    mc_integral_nll,
+    soft_dice_loss,
+)
+from semiseg.networks import SegmentationNet
+from semiseg.training.data import PatchBatches
+
+METHODS = ("supervised", "fully_supervised", "aua", "aua_bcl")
+log = logging.getLogger("semiseg.training")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one training run (defaults: the paper / method notes)."""
+
+    method: str = "aua_bcl"
+    patch_size: tuple[int, int, int] = (96, 96, 96)
+    num_classes: int = 2
+    iterations: int = 6000
+    lr: float = 0.01
+    lr_step: int = 2500
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    labelled_batch: int = 2
+    unlabelled_batch: int = 2
+    base_filters: int = 16
+    dropout: float = 0.5
+    ema_decay: float = 0.99
+    teacher_noise_sd: float = 0.1
+    teacher_noise_clip: float = 0.2
+    consistency_max: float = 0.15
+    consistency_rampup: int | None = None  # None: the number of iterations
+    samples: int = 6
+    rank: int = 8
+    lambda_c: float = 0.0
+    bcl_max_samples: int = 9000
+    bcl_temperature: float = 0.07
+    projection_channels: int = 16
+    seed: int = 1337
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.method == "aua" and self.lambda_c:
+            raise ValueError("method 'aua' has lambda_c = 0; use 'aua_bcl' for BCL")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown training settings: {sorted(unknown)}")
+        v = dict(values)
+        if "patch_size" in v:
+            v["patch_size"] = tuple(int(p) for p in v["patch_size"])
+        return cls(**v)
+
+    @property
+    def mean_teacher(self) -> bool:
+        return self.method in ("aua", "aua_bcl")
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_model(cfg: TrainConfig) -> SegmentationNet:
+    return SegmentationNet(
+        num_classes=cfg.num_classes, base_filters=cfg.base_filters, dropout=cfg.dropout,
+        aleatoric=cfg.mean_teacher, rank=cfg.rank,
+        projection=cfg.method == "aua_bcl", projection_channels=cfg.projection_channels,
+    )
+
+
+def ema_alpha(step: int, decay: float) -> float:
+    """EMA coefficient after ``step`` optimiser steps: ``min(1 - 1/(step + 1), decay)``."""
+    return min(1.0 - 1.0 / (step + 1), decay)
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
+    """teacher = alpha * teacher + (1 - alpha) * student, parameters only (BN buffers not averaged)."""
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Stage1Step:
+    """Loss of one iteration for a stage-1 method; returns (loss, logged terms)."""
+
+    def __init__(self, cfg: TrainConfig, student: SegmentationNet, teacher: SegmentationNet | None) -> None:
+        self.cfg, self.student, self.teacher = cfg, student, teacher
+
+    def __call__(self, batch: dict[str, torch.Tensor], iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        x_l, y_l = batch["image_l"], batch["label_l"]
+        if not cfg.mean_teacher:
+            x = torch.cat([x_l, batch["image_u"]]) if "image_u" in batch else x_l
+            y = torch.cat([y_l, batch["label_u"]]) if "label_u" in batch else y_l
+            out = self.student(x)
+            loss = ce_dice_loss(out.logits, y)
+            return loss, {"loss": loss.item(), "ce_dice": loss.item()}
+        x_u = batch["image_u"]
+        n_l = x_l.shape[0]
+        out = self.student(torch.cat([x_l, x_u]))
+        samples = self.student.sample_logits(out, cfg.samples)
+        nll = mc_integral_nll(samples[:, :n_l], y_l)
+        dice = soft_dice_loss(torch.softmax(out.logits[:n_l].float(), 1), y_l)
+        sup = 0.5 * (nll + dice)
+        with torch.no_grad():
+            noise = torch.clamp(torch.randn_like(x_u) * cfg.teacher_noise_sd, -cfg.teacher_noise_clip, cfg.teacher_noise_clip)
+            t_out = self.teacher(x_u + noise)
+            t_samples = self.teacher.sample_logits(t_out, cfg.samples)
+        ged = generalized_energy_distance(torch.softmax(samples[:, n_l:], 2), torch.softmax(t_samples, 2)).mean()
+        lam_g = consistency_weight(iteration, cfg.consistency_max, cfg.consistency_rampup or cfg.iterations)
+        loss = sup + lam_g * ged
+        terms = {"sup_nll": nll.item(), "sup_dice": dice.item(), "consistency": ged.item(), "lambda_g": lam_g}
+        if cfg.method == "aua_bcl":
+            bcl = boundary_contrastive_loss(out.projection[:n_l].float(), y_l, cfg.bcl_max_samples, cfg.bcl_temperature)
+            loss = loss + cfg.lambda_c * bcl
+            terms["bcl"] = bcl.item()
+            terms["lambda_c"] = cfg.lambda_c
+        terms["loss"] = loss.item()
+        return loss, terms
+
+
+def train(
+    cfg: TrainConfig,
+    labelled: Sequence[str | Path],
+    unlabelled: Sequence[str | Path],
+    out_dir: str | Path,
+    device: str = "auto",
+    checkpoint_every: int = 500,
+    num_workers: int = 0,
+    progress: bool = True,
+    callback: Callable[[int], None] | None = None,
+) -> Path:
+    """Train one model; write ``model.pt`` and ``losses.csv`` in ``out_dir``; return the model path.
+
+    ``labelled`` / ``unlabelled``: HDF5 case files. ``fully_supervised`` and ``supervised``
+    treat ``unlabelled`` as extra labelled cases (fully) or ignore them (supervised).
+    ``checkpoint.pt`` in ``out_dir`` is resumed from when it matches ``cfg``.
+    ``callback(iteration)`` runs after every iteration (progress hooks, tests).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    use_amp = cfg.amp and dev.type == "cuda"
+    if cfg.method == "fully_supervised":
+        labelled, unlabelled = list(labelled) + list(unlabelled), []
+        lb, ub = cfg.labelled_batch + cfg.unlabelled_batch, 0
+    elif cfg.method == "supervised":
+        unlabelled, lb, ub = [], cfg.labelled_batch, 0
+    else:
+        lb, ub = cfg.labelled_batch, cfg.unlabelled_batch
+        if not unlabelled:
+            raise ValueError(f"method {cfg.method} needs unlabelled cases")
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    student = build_model(cfg).to(dev)
+    teacher = None
+    if cfg.mean_teacher:
+        teacher = copy.deepcopy(student)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history: list[dict[str, float]] = []
+    start = 0
+
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        if ckpt.get("fingerprint") == cfg.fingerprint():
+            student.load_state_dict(ckpt["student"])
+            if teacher is not None:
+                teacher.load_state_dict(ckpt["teacher"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            _set_rng_state(ckpt["rng"])
+            history, start = ckpt["history"], int(ckpt["iteration"])
+            log.info("resuming from %s at iteration %d", ckpt_path, start)
+        else:
+            log.warning("ignoring %s: it was written with other settings", ckpt_path)
+
+    data = PatchBatches(labelled, unlabelled, cfg.patch_size, lb, ub, cfg.seed, cfg.iterations)
+    loader = DataLoader(
+        data, batch_size=None, sampler=range(start, cfg.iterations), num_workers=num_workers,
+        pin_memory=dev.type == "cuda", persistent_workers=False, prefetch_factor=4 if num_workers else None,
+        generator=torch.Generator(),  # its own: creating the iterator must not draw from the global RNG
+    )
+    step_fn = Stage1Step(cfg, student, teacher)
+    student.train()
+    if teacher is not None:
+        teacher.train()  # as the method notes: both in train mode (dropout, batch statistics)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.iterations, initial=start, file=sys.stderr, desc=f"{cfg.method}", dynamic_ncols=True)
+    it = iter(loader)
+    t_wait_total = t_step_total = 0.0
+    for t in range(start, cfg.iterations):
+        t0 = time.perf_counter()
+        batch = next(it)
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        t1 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
+            loss, terms = step_fn(batch, t)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        if teacher is not None:
+            ema_update(teacher, student, ema_alpha(t + 1, cfg.ema_decay))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        if not np.isfinite(terms["loss"]):
+            raise FloatingPointError(f"non-finite loss at iteration {t}: {terms}")
+        t_wait_total += t1 - t0
+        t_step_total += t2 - t0
+        history.append({"iteration": t, "lr": lr, **terms, "data_wait_s": t1 - t0, "step_s": t2 - t0})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{terms['loss']:.4f}")
+        if (t + 1) % checkpoint_every == 0 or t + 1 == cfg.iterations:
+            _save_checkpoint(ckpt_path, cfg, t + 1, student, teacher, opt, sched, scaler, history)
+            write_history(history, out / "losses.csv")
+            log.info("iteration %d/%d loss %.4f (data wait %.1f%% of step time)", t + 1, cfg.iterations,
+                     terms["loss"], 100 * t_wait_total / max(t_step_total, 1e-9))
+        if callback is not None:
+            callback(t)
+    if bar is not None:
+        bar.close()
+
+    model_path = out / "model.pt"
+    with atomic_path(model_path) as tmp:
+        torch.save({
+            "format": "semiseg-model-1", "stage": 1, "method": cfg.method, "config": asdict(cfg),
+            "network": student.config, "student": student.state_dict(),
+            "teacher": teacher.state_dict() if teacher is not None else None,
+            "iterations": cfg.iterations,
+        }, tmp)
+    write_history(history, out / "losses.csv")
+    return model_path
+
+
+def _save_checkpoint(path, cfg, iteration, student, teacher, opt, sched, scaler, history) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({
+            "fingerprint": cfg.fingerprint(), "iteration": iteration, "student": student.state_dict(),
+            "teacher": teacher.state_dict() if teacher is not None else None,
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+            "rng": _rng_state(), "history": history,
+        }, tmp)
+
+
+def write_history(history: list[dict[str, float]], path: str | Path) -> None:
+    """Per-iteration CSV of every logged term (columns: union of the keys, in first-seen order)."""
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns)
+        w.writeheader()
+        w.writerows(history)
+
+
+def load_model(path: str | Path, weights: str = "student", device: str = "cpu") -> SegmentationNet:
+    """Load a trained model file; ``weights``: ``student`` or ``teacher``. Strict key matching."""
+    blob = torch.load(path, map_location=device, weights_only=False)
+    if blob.get("format") != "semiseg-model-1":
+        raise ValueError(f"{path}: not a semiseg model file")
+    state = blob[weights]
+    if state is None:
+        raise ValueError(f"{path}: has no {weights} weights (method {blob['method']})")
+    net = SegmentationNet(**blob["network"])
+    net.load_state_dict(state, strict=True)
+    return net.to(device)

@@ -1,0 +1,23 @@
+"""Rules train_stage1 / train_fully_supervised: one training run of the shared engine."""
+
+from pathlib import Path
+
+import torch
+
+from semiseg.jobs import job
+from semiseg.training.engine import TrainConfig, train
+
+with job(snakemake.log[0], "train") as log:  # noqa: F821
+    torch.set_num_threads(snakemake.threads)  # noqa: F821
+    cfg = TrainConfig.from_dict(snakemake.params.train)  # noqa: F821
+    runtime = snakemake.params.runtime  # noqa: F821
+    log.info("training %s: %s", cfg.method, cfg)
+    train(
+        cfg,
+        labelled=list(snakemake.input.labelled),  # noqa: F821
+        unlabelled=list(snakemake.input.unlabelled),  # noqa: F821
+        out_dir=Path(snakemake.output.model).parent,  # noqa: F821
+        device=runtime["device"],
+        checkpoint_every=runtime["checkpoint_every"],
+        num_workers=runtime["num_workers"],
+    )
