@@ -44,8 +44,11 @@ def micro_config(**demo_overrides) -> dict:
     demo["split"] = {"seed": 0, "test_count": 1}
     demo["splits"] = {"5pct": {"labelled_percent": 5, "lambda_c": 0.01}, "50pct": {"labelled_percent": 50, "lambda_c": 0.09}}
     demo["preprocessing"]["target_spacing"] = [2.0, 2.0, 2.0]
+    demo["patch_size"] = [32, 32, 16]
+    demo["training"] = {"iterations": 2, "base_filters": 2, "samples": 2, "rank": 2, "bcl_max_samples": 64,
+                        "projection_channels": 4, "checkpoint_every": 1, "num_workers": 0}
     demo.update(demo_overrides)
-    return {"device": "auto", "datasets": {"demo": demo}}
+    return {"device": "auto", "training": cfg["training"], "datasets": {"demo": demo}}
 
 
 def write_config(workdir: Path, cfg: dict) -> None:
@@ -126,11 +129,16 @@ def test_keep_going_with_bad_cases(tmp_path):
     assert "case empty_1" in res.stderr and "case trunc_1" in res.stderr
 
 
+MODELS = [f"results/models/demo_5pct/stage1_{m}/model.pt" for m in ("supervised", "aua", "aua_bcl")] + [
+    "results/models/demo/fully_supervised/model.pt"
+]
+
+
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("micro")
     write_config(wd, micro_config())
-    res = smk(wd, "--cores", "2", "all")
+    res = smk(wd, "--cores", "2", "all", *MODELS)
     assert res.returncode == 0, res.stderr[-3000:]
     return wd
 
@@ -145,26 +153,45 @@ def test_micro_demo_end_to_end(micro_run):
         d = res_dir / "splits" / "demo" / split
         assert len(d.joinpath("labelled.txt").read_text(encoding="utf-8").split()) == n_lab
         assert len(d.joinpath("test.txt").read_text(encoding="utf-8").split()) == 1
-    assert smk(micro_run, "-n", "all").stdout.count("rule ") == 0  # up to date
+    for model in MODELS:
+        run_dir = (micro_run / model).parent
+        assert (run_dir / "model.pt").stat().st_size > 0
+        rows = (run_dir / "losses.csv").read_text(encoding="utf-8").splitlines()
+        assert len(rows) == 3 and rows[0].startswith("iteration,lr,")
+    log = (micro_run / "results/logs/train/demo_5pct_stage1_aua_bcl.log").read_text(encoding="utf-8")
+    assert "training aua_bcl" in log and "lambda_c=0.01" in log
+    assert smk(micro_run, "-n", "all", *MODELS).stdout.count("rule ") == 0  # up to date
+
+
+TRAIN_ALL = {"train_stage1": 3, "train_fully_supervised": 1}
 
 
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (lambda d: d["preprocessing"].update(crop_margin=3), {"preprocess_case": 4, "preprocessing_summary": 1, "all": 1}),
-        (lambda d: d["splits"]["50pct"].update(labelled_percent=70), {"make_split": 1, "all": 1}),
-        (lambda d: d["split"].update(seed=5), {"make_split": 2, "all": 1}),
-        (lambda d: d["splits"]["5pct"].update(lambda_c=0.5), {}),  # no rule of these stages uses it
+        (lambda c: c["datasets"]["demo"]["preprocessing"].update(crop_margin=3),
+         {"preprocess_case": 4, "preprocessing_summary": 1, "all": 1, **TRAIN_ALL}),
+        (lambda c: c["datasets"]["demo"]["splits"]["50pct"].update(labelled_percent=70), {"make_split": 1, "all": 1}),
+        (lambda c: c["datasets"]["demo"]["split"].update(seed=5), {"make_split": 2, "all": 1, **TRAIN_ALL}),
+        (lambda c: c["datasets"]["demo"]["splits"]["5pct"].update(lambda_c=0.5), {"train_stage1": 1}),
+        (lambda c: c["datasets"]["demo"]["training"].update(bcl_temperature=0.1), {"train_stage1": 1}),
+        (lambda c: c["training"].update(consistency_max=0.3), {"train_stage1": 2}),
+        (lambda c: c["datasets"]["demo"]["training"].update(lr=0.02), TRAIN_ALL),
+        (lambda c: c["datasets"]["demo"]["training"].update(checkpoint_every=7, num_workers=1), {}),
     ],
-    ids=["crop_margin", "labelled_percent", "split_seed", "lambda_c"],
+    ids=["crop_margin", "labelled_percent", "split_seed", "lambda_c", "bcl_temperature", "consistency_max", "lr",
+         "runtime_only"],
 )
 def test_change_one_value_reruns_only_dependents(micro_run, change, expected):
     cfg = micro_config()
-    change(cfg["datasets"]["demo"])
+    change(cfg)
     write_config(micro_run, cfg)
     try:
-        res = smk(micro_run, "-n", "all")
+        res = smk(micro_run, "-n", "all", *MODELS)
         assert res.returncode == 0, res.stderr
         assert job_counts(res.stdout + res.stderr) == expected
+        if expected.get("train_stage1") in (1, 2):
+            out = res.stdout + res.stderr
+            assert "stage1_supervised" not in out.split("rule train_stage1", 1)[-1]
     finally:
         write_config(micro_run, micro_config())

@@ -16,6 +16,11 @@ import torch.nn.functional as F
 DICE_EPS = 1e-5
 
 
+def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    """Half precision (AMP) up to float32; float32 and float64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def mc_integral_nll(logit_samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Monte-Carlo integral negative log-likelihood (Eq. 3-4), per voxel.
 
@@ -28,7 +33,7 @@ def mc_integral_nll(logit_samples: torch.Tensor, target: torch.Tensor) -> torch.
     s, b = logit_samples.shape[:2]
     if target.shape != (b, *logit_samples.shape[3:]):
         raise ValueError(f"target shape {tuple(target.shape)} does not match logit samples {tuple(logit_samples.shape)}")
-    logp = F.log_softmax(logit_samples.float(), dim=2)
+    logp = F.log_softmax(_at_least_f32(logit_samples), dim=2)
     index = target.long().unsqueeze(0).unsqueeze(2).expand(s, b, 1, *target.shape[1:])
     per_sample = logp.gather(2, index).flatten(2).sum(-1)  # (S, B): log p(y | g_s)
     voxels = math.prod(target.shape[1:])
@@ -59,8 +64,8 @@ def generalized_energy_distance(student_probs: torch.Tensor, teacher_probs: torc
     """
     if student_probs.ndim != 6 or teacher_probs.shape[1:] != student_probs.shape[1:]:
         raise ValueError(f"expected two (S, B, C, X, Y, Z) tensors, got {tuple(student_probs.shape)} and {tuple(teacher_probs.shape)}")
-    p = student_probs.float().flatten(3)
-    q = teacher_probs.float().flatten(3)
+    p = _at_least_f32(student_probs).flatten(3)
+    q = _at_least_f32(teacher_probs).flatten(3)
     cross = _pairwise_dice_distance(p, q, eps).mean((0, 1))
     ss = _pairwise_dice_distance(p, p, eps).mean((0, 1))
     tt = _pairwise_dice_distance(q, q, eps).mean((0, 1))
@@ -95,7 +100,7 @@ def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, te
         raise ValueError(f"expected features (N, F) and labels (N,), got {tuple(features.shape)} and {tuple(labels.shape)}")
     if n < 2:
         return features.sum() * 0.0
-    f = features.float()
+    f = _at_least_f32(features)
     logits = f @ f.T / temperature
     self_mask = torch.eye(n, dtype=torch.bool, device=f.device)
     logits = logits.masked_fill(self_mask, float("-inf"))
@@ -164,7 +169,7 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = DICE_
 
 def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Average of cross-entropy and soft Dice (Eq. 15's L_sup_ced); logits (B, C, X, Y, Z)."""
-    logits = logits.float()
+    logits = _at_least_f32(logits)
     return 0.5 * (F.cross_entropy(logits, target.long()) + soft_dice_loss(torch.softmax(logits, 1), target))
 
 

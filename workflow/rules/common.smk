@@ -157,7 +157,6 @@ METHOD_KEYS = {
     + MEAN_TEACHER
     + ("bcl_max_samples", "bcl_temperature", "projection_channels"),
 }
-RUNTIME_KEYS = ("checkpoint_every", "num_workers")
 
 
 def training_settings(dataset):
@@ -177,12 +176,6 @@ def train_params(dataset, method, split=None):
     if method == "aua_bcl":
         params["lambda_c"] = DATASETS[dataset]["splits"][split]["lambda_c"]
     return params
-
-
-def runtime_settings(dataset):
-    """Settings that change how, not what, a run computes (not in params)."""
-    merged = training_settings(dataset)
-    return {"device": config["device"], **{k: merged[k] for k in RUNTIME_KEYS}}
 
 
 _SPLITS = {}

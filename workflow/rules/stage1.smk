@@ -17,7 +17,6 @@ rule train_stage1:
         gpu=1,
     params:
         train=lambda w: train_params(w.dataset, w.method, w.split),
-        runtime=lambda w: runtime_settings(w.dataset),
     script:
         "../scripts/train.py"
 
@@ -37,6 +36,5 @@ rule train_fully_supervised:
         gpu=1,
     params:
         train=lambda w: train_params(w.dataset, "fully_supervised"),
-        runtime=lambda w: runtime_settings(w.dataset),
     script:
         "../scripts/train.py"

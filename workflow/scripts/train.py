@@ -10,14 +10,17 @@ from semiseg.training.engine import TrainConfig, train
 with job(snakemake.log[0], "train") as log:  # noqa: F821
     torch.set_num_threads(snakemake.threads)  # noqa: F821
     cfg = TrainConfig.from_dict(snakemake.params.train)  # noqa: F821
-    runtime = snakemake.params.runtime  # noqa: F821
+    # Runtime settings (how, not what, is computed) come from the config, not params,
+    # so changing them reruns nothing.
+    config = snakemake.config  # noqa: F821
+    runtime = {**config["training"], **config["datasets"][snakemake.wildcards.dataset].get("training", {})}  # noqa: F821
     log.info("training %s: %s", cfg.method, cfg)
     train(
         cfg,
         labelled=list(snakemake.input.labelled),  # noqa: F821
         unlabelled=list(snakemake.input.unlabelled),  # noqa: F821
         out_dir=Path(snakemake.output.model).parent,  # noqa: F821
-        device=runtime["device"],
+        device=config["device"],
         checkpoint_every=runtime["checkpoint_every"],
         num_workers=runtime["num_workers"],
     )
