@@ -23,12 +23,18 @@ def test_shapes_and_input_check():
     assert out.logits.shape == (2, 3, 32, 16, 48) and out.features.shape == (2, 4, 32, 16, 48)
     assert out.cov_factor.shape == (2, 3 * 2, 32, 16, 48) and out.cov_diag.shape == (2, 3, 32, 16, 48)
     assert torch.all(out.cov_diag > 0)
-    assert torch.allclose(out.projection.norm(dim=1), torch.ones(2, 32, 16, 48), atol=1e-5)
+    proj = net.project(out.features)
+    assert proj.shape == (2, 16, 32, 16, 48)
+    assert torch.allclose(proj.norm(dim=1), torch.ones(2, 32, 16, 48), atol=1e-5)
+    z = net.projection.net(out.features)
+    assert torch.allclose(proj, torch.nn.functional.normalize(z, dim=1), atol=1e-6)
     with pytest.raises(ValueError, match="divisible by 16"):
         net(torch.randn(1, 1, 32, 16, 20))
     plain = SegmentationNet(base_filters=4, aleatoric=False, projection=False)
     o = plain(torch.randn(2, 1, 16, 16, 16))
-    assert o.cov_factor is None and o.projection is None
+    assert o.cov_factor is None
+    with pytest.raises(ValueError, match="no projection"):
+        plain.project(o.features)
 
 
 def test_antithetic_samples():
@@ -69,5 +75,6 @@ def test_sampling_is_reparameterised():
     net = SegmentationNet(base_filters=4, rank=2)
     out = net(torch.randn(2, 1, 16, 16, 16))
     net.sample_logits(out, 2).pow(2).mean().backward()
-    assert net.aleatoric.cov_factor.weight.grad.abs().sum() > 0
-    assert net.aleatoric.log_cov_diag.weight.grad.abs().sum() > 0
+    g = net.aleatoric.branches.weight.grad.abs().sum(dim=(1, 2, 3, 4))  # (C * (r + 2),)
+    assert torch.all(g[2:6] > 0), "covariance factor branch gets gradients"
+    assert torch.all(g[6:] > 0), "diagonal branch gets gradients"

@@ -87,6 +87,45 @@ def boundary_band(labels: torch.Tensor) -> torch.Tensor:
     return ((hi != x) | (lo != x)).squeeze(1)
 
 
+class _LogSumExpOthers(torch.autograd.Function):
+    """``lse_i = log sum_{o != i} exp(f_i.f_o / t)`` for (N, F) features, in row blocks.
+
+    Never holds the N x N similarity matrix: forward and backward recompute one block of
+    rows at a time (the backward from the saved ``lse``), so memory is O(block x N) and
+    the work stays in cache; the gradient is exact.
+    """
+
+    BLOCK = 256
+
+    @staticmethod
+    def forward(ctx, f: torch.Tensor, temperature: float) -> torch.Tensor:
+        n = f.shape[0]
+        lse = torch.empty(n, dtype=f.dtype, device=f.device)
+        for i0 in range(0, n, _LogSumExpOthers.BLOCK):
+            i1 = min(n, i0 + _LogSumExpOthers.BLOCK)
+            block = (f[i0:i1] @ f.T) / temperature
+            block[torch.arange(i1 - i0), torch.arange(i0, i1)] = float("-inf")
+            lse[i0:i1] = torch.logsumexp(block, dim=1)
+        ctx.save_for_backward(f, lse)
+        ctx.temperature = temperature
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        f, lse = ctx.saved_tensors
+        t = ctx.temperature
+        n = f.shape[0]
+        grad_f = torch.zeros_like(f)
+        for i0 in range(0, n, _LogSumExpOthers.BLOCK):
+            i1 = min(n, i0 + _LogSumExpOthers.BLOCK)
+            block = (f[i0:i1] @ f.T) / t
+            block[torch.arange(i1 - i0), torch.arange(i0, i1)] = float("-inf")
+            w = torch.exp(block - lse[i0:i1, None]) * (grad[i0:i1, None] / t)  # (b, N), softmax x upstream
+            grad_f[i0:i1] += w @ f
+            grad_f += w.T @ f[i0:i1]
+        return grad_f, None
+
+
 def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
     """Supervised contrastive loss (Eq. 10).
 
@@ -101,17 +140,18 @@ def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, te
     if n < 2:
         return features.sum() * 0.0
     f = _at_least_f32(features)
-    logits = f @ f.T / temperature
-    self_mask = torch.eye(n, dtype=torch.bool, device=f.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    positives = (labels[:, None] == labels[None, :]) & ~self_mask
-    n_pos = positives.sum(1)
+    labels = labels.long()
+    # Only the denominator needs the N x N similarities. The positives' numerator sums
+    # through per-class feature sums: sum_{p in P(i)} f_i.f_p = f_i.(S_{y_i} - f_i).
+    lse = _LogSumExpOthers.apply(f, temperature)  # (N,): log sum_{o != i} exp(f_i.f_o / t)
+    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    class_sums = torch.zeros(len(classes), f.shape[1], dtype=f.dtype, device=f.device).index_add_(0, inverse, f)
+    n_pos = counts[inverse] - 1
     has_pos = n_pos > 0
     if not bool(has_pos.any()):
         return features.sum() * 0.0
-    pos_sum = log_prob.masked_fill(~positives, 0.0).sum(1)
-    per_anchor = -pos_sum[has_pos] / n_pos[has_pos]
+    pos_dot = (f * (class_sums[inverse] - f)).sum(1) / temperature  # sum over P(i) of f_i.f_p / t
+    per_anchor = lse[has_pos] - pos_dot[has_pos] / n_pos[has_pos]
     return per_anchor.mean()
 
 

@@ -78,14 +78,15 @@ class AleatoricHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, rank: int = 8, eps: float = 1e-5) -> None:
         super().__init__()
         self.num_classes, self.rank, self.eps = num_classes, rank, eps
-        self.mean = nn.Conv3d(in_channels, num_classes, 1)
-        self.cov_factor = nn.Conv3d(in_channels, num_classes * rank, 1)
-        self.log_cov_diag = nn.Conv3d(in_channels, num_classes, 1)
+        # The three branches as one 1x1x1 conv (one pass over the features), split after.
+        self.branches = nn.Conv3d(in_channels, num_classes * (rank + 2), 1)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean (B, C, X, Y, Z), factor (B, C*r, X, Y, Z), diagonal (B, C, X, Y, Z))."""
-        diag = torch.exp(self.log_cov_diag(features).float().clamp(-20, 10)) + self.eps
-        return self.mean(features), self.cov_factor(features), diag
+        c, r = self.num_classes, self.rank
+        mean, factor, log_diag = torch.split(self.branches(features), [c, c * r, c], dim=1)
+        diag = torch.exp(log_diag.float().clamp(-20, 10)) + self.eps
+        return mean, factor, diag
 
     @staticmethod
     def _flatten(mean: torch.Tensor, factor: torch.Tensor, diag: torch.Tensor, rank: int, num_classes: int):
@@ -134,7 +135,9 @@ class ProjectionHead(nn.Module):
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(features), dim=1)
+        z = self.net(features)
+        # Unit L2 norm over channels (as F.normalize, eps 1e-12), in fewer passes over memory.
+        return z * torch.rsqrt((z * z).sum(1, keepdim=True).clamp_min(1e-24))
 
 
 @dataclass
@@ -145,7 +148,6 @@ class NetOutput:
     features: torch.Tensor  # (B, w, X, Y, Z): last decoder features
     cov_factor: torch.Tensor | None = None
     cov_diag: torch.Tensor | None = None
-    projection: torch.Tensor | None = None  # (B, P, X, Y, Z), unit norm
 
 
 class SegmentationNet(nn.Module):
@@ -178,15 +180,24 @@ class SegmentationNet(nn.Module):
         self.projection = ProjectionHead(base_filters, projection_channels) if projection else None
 
     def forward(self, x: torch.Tensor, heads: bool = True) -> NetOutput:
-        """``heads=False`` skips the covariance and projection branches (inference)."""
+        """``heads=False`` skips the covariance branches (inference). Projections: :meth:`project`."""
         feats = self.backbone(x)
         if self.aleatoric is None:
             return NetOutput(self.seg_head(feats), feats)
-        if not heads:
-            return NetOutput(self.aleatoric.mean(feats), feats)
         mean, factor, diag = self.aleatoric(feats)
-        proj = self.projection(feats) if self.projection is not None else None
-        return NetOutput(mean, feats, factor, diag, proj)
+        if not heads:
+            return NetOutput(mean, feats)
+        return NetOutput(mean, feats, factor, diag)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Unit-norm projection-head embeddings (B, P, X, Y, Z) of decoder features (B, w, X, Y, Z).
+
+        Separate from :meth:`forward` so that it runs only on the crops BCL uses (the
+        labelled ones; batch-norm statistics over those).
+        """
+        if self.projection is None:
+            raise ValueError("this network has no projection head")
+        return self.projection(features)
 
     def sample_logits(self, out: NetOutput, num_samples: int) -> torch.Tensor:
         """(S, B, C, X, Y, Z) antithetic logit samples of a forward pass's distribution."""

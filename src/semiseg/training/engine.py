@@ -179,7 +179,8 @@ class Stage1Step:
         loss = sup + lam_g * ged
         terms = {"sup_nll": nll.item(), "sup_dice": dice.item(), "consistency": ged.item(), "lambda_g": lam_g}
         if cfg.method == "aua_bcl":
-            bcl = boundary_contrastive_loss(out.projection[:n_l].float(), y_l, cfg.bcl_max_samples, cfg.bcl_temperature)
+            proj = self.student.project(out.features[:n_l])
+            bcl = boundary_contrastive_loss(proj.float(), y_l, cfg.bcl_max_samples, cfg.bcl_temperature)
             loss = loss + cfg.lambda_c * bcl
             terms["bcl"] = bcl.item()
             terms["lambda_c"] = cfg.lambda_c
