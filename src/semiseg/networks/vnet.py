@@ -114,11 +114,14 @@ class AleatoricHead(nn.Module):
         """
         if num_samples < 2 or num_samples % 2:
             raise ValueError(f"antithetic sampling needs an even number of samples >= 2, got {num_samples}")
-        loc, w, d = self._flatten(mean, factor, diag, self.rank, self.num_classes)
+        b, c, r = mean.shape[0], self.num_classes, self.rank
+        loc = mean.float().reshape(b, c, -1)  # (B, C, V)
+        w = factor.float().reshape(b, c, r, -1)  # (B, C, r, V): W[b, c*V + v, k] = w[b, c, k, v]
         half = num_samples // 2
-        eps_w = torch.randn((half, *loc.shape[:-1], self.rank), dtype=loc.dtype, device=loc.device)
-        eps_d = torch.randn((half, *loc.shape), dtype=loc.dtype, device=loc.device)
-        draws = loc + (w @ eps_w.unsqueeze(-1)).squeeze(-1) + d.sqrt() * eps_d
+        # Same random numbers, in the same order, as LowRankMultivariateNormal.rsample.
+        eps_w = torch.randn((half, b, r), dtype=loc.dtype, device=loc.device)
+        eps_d = torch.randn((half, b, c * loc.shape[-1]), dtype=loc.dtype, device=loc.device).view(half, b, c, -1)
+        draws = loc + torch.einsum("bckv,hbk->hbcv", w, eps_w) + diag.float().reshape(b, c, -1).sqrt() * eps_d
         samples = torch.cat([draws, 2 * loc - draws], dim=0)
         return samples.reshape(num_samples, *mean.shape)
 
