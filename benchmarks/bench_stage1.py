@@ -28,7 +28,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from semiseg.training.engine import Stage1Step, TrainConfig, build_model, ema_alpha, ema_update, resolve_device, train
+from semiseg.training.engine import (
+    Stage1Step,
+    TrainConfig,
+    build_model,
+    ema_alpha,
+    ema_update,
+    optimizer_step,
+    resolve_device,
+    train,
+)
 
 
 def sync(dev):
@@ -82,10 +91,7 @@ def main() -> None:
     def method_iter(t):
         with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
             loss, _ = step(batch, t)
-        opt_m.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt_m)
-        scaler.update()
+        optimizer_step(loss, opt_m, scaler)
         ema_update(teacher, student, ema_alpha(t + 1, 0.99))
 
     def bare_iter(t):
@@ -95,10 +101,7 @@ def main() -> None:
             loss = F.cross_entropy(bare(x).logits.float(), y)
             with torch.no_grad():
                 bare_t(batch["image_u"])
-        opt_b.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt_b)
-        scaler.update()
+        optimizer_step(loss, opt_b, scaler)
 
     times = {"method": [], "bare": []}
     for t in range(args.warmup + args.repeats):

@@ -23,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from semiseg.io.atomic import atomic_path, atomic_write_text
-from semiseg.io.readers import Geometry
+from semiseg.io.readers import Geometry, from_xyz_array
 
 #: Mean HU of each tissue (portal-venous phase); the per-case value is jittered.
 TISSUE_HU = {
@@ -239,14 +239,6 @@ def generate_case(seed: int, index: int, params: SyntheticParams | None = None) 
     return image, label, geometry
 
 
-def _to_itk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
-    image.SetSpacing(geometry.spacing)
-    image.SetOrigin(geometry.origin)
-    image.SetDirection(geometry.direction)
-    return image
-
-
 def write_demo_dataset(
     out_dir: str | Path,
     num_cases: int,
@@ -268,7 +260,7 @@ def write_demo_dataset(
         image, label, geom = generate_case(seed, i, params)
         for sub, arr in (("imagesTr", image), ("labelsTr", label)):
             with atomic_path(out / sub / f"{cid}.nii.gz") as tmp:
-                sitk.WriteImage(_to_itk(arr, geom), str(tmp), useCompression=True)
+                sitk.WriteImage(from_xyz_array(arr, geom), str(tmp), useCompression=True)
         ids.append(cid)
     meta = {
         "name": prefix,

@@ -148,6 +148,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Backward pass and optimiser step through the AMP grad scaler (a no-op scaler on the CPU)."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
 class Stage1Step:
     """Loss of one iteration for a stage-1 method; returns (loss, logged terms)."""
 
@@ -276,10 +284,7 @@ def train(
         t1 = time.perf_counter()
         with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
             loss, terms = step_fn(batch, t)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        optimizer_step(loss, opt, scaler)
         lr = opt.param_groups[0]["lr"]
         sched.step()
         if teacher is not None:
