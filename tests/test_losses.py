@@ -26,6 +26,7 @@ from semiseg.losses import (
     consistency_weight,
     generalized_energy_distance,
     mc_integral_nll,
+    sample_band_voxels,
     soft_dice_loss,
     supervised_contrastive_loss,
 )
@@ -762,3 +763,27 @@ def test_losses_keep_float64_precision():
     }
     downcast = {name: str(v.dtype) for name, v in results.items() if v.dtype != torch.float64}
     assert not downcast, f"float64 inputs computed in lower precision by: {downcast}"
+
+
+# ---- BCL with the projection applied to the sampled rows ------------------------
+
+
+def test_projection_on_sampled_rows_matches_projected_volume():
+    torch.manual_seed(0)
+    feats = torch.randn(2, 5, 8, 9, 7, dtype=torch.float64)
+    labels = torch.zeros(2, 8, 9, 7, dtype=torch.long)
+    labels[0, 2:6, 3:7, 2:5] = 1
+    labels[1, 1:3, 1:3, 1:3] = 1
+    weight = torch.randn(4, 5, dtype=torch.float64)
+
+    def project_rows(rows):  # a per-voxel map, no batch statistics
+        return F.normalize(rows @ weight.T, dim=1)
+
+    projected = F.normalize(torch.einsum("pf,bfxyz->bpxyz", weight, feats), dim=1)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = boundary_contrastive_loss(projected, labels, 20, 0.1, generator=g1)
+    b = boundary_contrastive_loss(feats, labels, 20, 0.1, generator=g2, projection=project_rows)
+    assert torch.allclose(a, b)
+    picked = sample_band_voxels(labels, 20, torch.Generator().manual_seed(3))
+    assert [p.numel() for p in picked] == [20, 20]
+    assert sample_band_voxels(torch.zeros(1, 4, 4, 4, dtype=torch.long), 5)[0].numel() == 0

@@ -78,3 +78,16 @@ def test_sampling_is_reparameterised():
     g = net.aleatoric.branches.weight.grad.abs().sum(dim=(1, 2, 3, 4))  # (C * (r + 2),)
     assert torch.all(g[2:6] > 0), "covariance factor branch gets gradients"
     assert torch.all(g[6:] > 0), "diagonal branch gets gradients"
+
+
+def test_project_rows_equals_volume_projection_in_eval_mode():
+    torch.manual_seed(0)
+    net = SegmentationNet(base_filters=4, rank=2)
+    net.train()
+    net(torch.randn(2, 1, 16, 16, 16))  # non-trivial BN running statistics
+    net.eval()
+    feats = torch.randn(1, 4, 16, 16, 16)
+    vol = net.project(feats)
+    idx = torch.tensor([0, 17, 300, 4095])
+    rows = feats[0].flatten(1).T[idx]
+    assert torch.allclose(net.project_rows(rows), vol[0].flatten(1).T[idx], atol=1e-6)

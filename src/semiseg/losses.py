@@ -9,6 +9,7 @@ Equation numbers are the paper's.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -155,12 +156,30 @@ def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, te
     return per_anchor.mean()
 
 
+def sample_band_voxels(labels: torch.Tensor, max_samples: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Per crop, flat indices (into X*Y*Z) of up to ``max_samples`` :func:`boundary_band` voxels.
+
+    ``labels`` (B, X, Y, Z). Drawn without replacement with ``generator`` (all band voxels
+    when there are at most ``max_samples``); an empty tensor for a crop without band voxels.
+    """
+    band = boundary_band(labels)
+    picked = []
+    for b in range(labels.shape[0]):
+        idx = torch.nonzero(band[b].flatten(), as_tuple=False).squeeze(1)
+        if idx.numel() > max_samples:
+            pick = torch.randperm(idx.numel(), generator=generator, device=generator.device if generator is not None else "cpu")[:max_samples]
+            idx = idx[pick.to(idx.device)]
+        picked.append(idx)
+    return picked
+
+
 def boundary_contrastive_loss(
     features: torch.Tensor,
     labels: torch.Tensor,
     max_samples: int = 9000,
     temperature: float = 0.07,
     generator: torch.Generator | None = None,
+    projection: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Boundary-aware contrastive loss (BCL, Eq. 10 on near-boundary voxels).
 
@@ -170,22 +189,23 @@ def boundary_contrastive_loss(
     channels-last tensor, not the released code's channel-mixing view). The supervised
     contrastive loss is averaged over the crops that have any band voxel; 0 (keeping the
     graph) when none has.
+
+    ``projection``: optional map of (n, F) rows to (n, P) unit-norm embeddings, applied to
+    the sampled rows of all crops together; ``features`` are then the pre-projection
+    features (so a per-voxel projection head runs on the sampled voxels only).
     """
     if features.ndim != 5 or labels.shape != (features.shape[0], *features.shape[2:]):
         raise ValueError(f"expected features (B, F, X, Y, Z) and labels (B, X, Y, Z), got {tuple(features.shape)} and {tuple(labels.shape)}")
-    band = boundary_band(labels)
-    losses = []
-    for b in range(features.shape[0]):
-        idx = torch.nonzero(band[b].flatten(), as_tuple=False).squeeze(1)
-        if idx.numel() == 0:
-            continue
-        if idx.numel() > max_samples:
-            pick = torch.randperm(idx.numel(), generator=generator, device=generator.device if generator is not None else "cpu")[:max_samples]
-            idx = idx[pick.to(idx.device)]
-        rows = features[b].flatten(1).T[idx]  # (n, F): voxel v's embedding is column v
-        losses.append(supervised_contrastive_loss(rows, labels[b].flatten()[idx], temperature))
-    if not losses:
+    picked = sample_band_voxels(labels, max_samples, generator)
+    crops = [b for b, idx in enumerate(picked) if idx.numel() > 0]
+    if not crops:
         return features.sum() * 0.0
+    # (n, F) rows: voxel v's embedding is column v of the (F, X*Y*Z) view.
+    rows = [features[b].flatten(1).T[picked[b]] for b in crops]
+    if projection is not None:
+        sizes = [r.shape[0] for r in rows]
+        rows = list(torch.split(projection(torch.cat(rows)), sizes))
+    losses = [supervised_contrastive_loss(r, labels[b].flatten()[picked[b]], temperature) for b, r in zip(crops, rows, strict=True)]
     return torch.stack(losses).mean()
 
 

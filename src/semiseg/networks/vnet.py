@@ -202,6 +202,18 @@ class SegmentationNet(nn.Module):
             raise ValueError("this network has no projection head")
         return self.projection(features)
 
+    def project_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Projection-head embeddings (n, P) of n voxels' decoder features (n, w).
+
+        The head is per voxel (1x1x1 convs), so this equals :meth:`project` at those voxels,
+        except that batch norm takes its statistics over the n voxels given.
+        """
+        if self.projection is None:
+            raise ValueError("this network has no projection head")
+        n, w = rows.shape
+        out = self.projection(rows.T.reshape(1, w, n, 1, 1))
+        return out.reshape(out.shape[1], n).T
+
     def sample_logits(self, out: NetOutput, num_samples: int) -> torch.Tensor:
         """(S, B, C, X, Y, Z) antithetic logit samples of a forward pass's distribution."""
         if self.aleatoric is None or out.cov_factor is None:

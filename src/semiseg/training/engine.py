@@ -187,8 +187,9 @@ class Stage1Step:
         loss = sup + lam_g * ged
         terms = {"sup_nll": nll.item(), "sup_dice": dice.item(), "consistency": ged.item(), "lambda_g": lam_g}
         if cfg.method == "aua_bcl":
-            proj = self.student.project(out.features[:n_l])
-            bcl = boundary_contrastive_loss(proj.float(), y_l, cfg.bcl_max_samples, cfg.bcl_temperature)
+            # The projection head runs on the sampled band voxels only (BN statistics over those).
+            bcl = boundary_contrastive_loss(out.features[:n_l], y_l, cfg.bcl_max_samples, cfg.bcl_temperature,
+                                            projection=self.student.project_rows)
             loss = loss + cfg.lambda_c * bcl
             terms["bcl"] = bcl.item()
             terms["lambda_c"] = cfg.lambda_c
