@@ -787,3 +787,47 @@ def test_projection_on_sampled_rows_matches_projected_volume():
     picked = sample_band_voxels(labels, 20, torch.Generator().manual_seed(3))
     assert [p.numel() for p in picked] == [20, 20]
     assert sample_band_voxels(torch.zeros(1, 4, 4, 4, dtype=torch.long), 5)[0].numel() == 0
+
+
+# ---- PCL (Eq. 12, multi-class form) ----------------------------------------------
+
+
+def _pcl_naive(f, y, mu, cov, tau):
+    total = 0.0
+    for i in range(f.shape[0]):
+        fi = [float(v) for v in f[i]]
+        terms = []
+        for c in range(mu.shape[0]):
+            lin = sum(fi[k] * float(mu[c, k]) for k in range(len(fi))) / tau
+            quad = sum(fi[a] * float(cov[c, a, b]) * fi[b] for a in range(len(fi)) for b in range(len(fi))) / (2 * tau**2)
+            terms.append(lin + quad)
+        own = sum(fi[k] * float(mu[int(y[i]), k]) for k in range(len(fi))) / tau
+        m = max(terms)
+        total += -own + m + math.log(sum(math.exp(t - m) for t in terms))
+    return total / f.shape[0]
+
+
+@pytest.mark.parametrize("tau", [100.0, 0.5])
+def test_pcl_equals_naive_loop(tau):
+    from semiseg.losses import prototype_contrastive_loss
+
+    torch.manual_seed(0)
+    f = F.normalize(torch.randn(7, 4, dtype=torch.float64), dim=1)
+    y = torch.tensor([0, 1, 2, 1, 1, 0, 2])
+    mu = F.normalize(torch.randn(3, 4, dtype=torch.float64), dim=1)
+    a = torch.randn(3, 4, 4, dtype=torch.float64)
+    cov = a @ a.transpose(1, 2) / 4
+    got = prototype_contrastive_loss(f, y, mu, cov, tau)
+    assert torch.allclose(got, torch.tensor(_pcl_naive(f, y, mu, cov, tau), dtype=torch.float64), **CLOSE64)
+
+
+def test_pcl_finite_edge_cases():
+    from semiseg.losses import prototype_contrastive_loss
+
+    f = F.normalize(torch.randn(6, 3), dim=1).requires_grad_()
+    mu, cov = torch.zeros(2, 3), torch.zeros(2, 3, 3)
+    one_class = prototype_contrastive_loss(f, torch.ones(6, dtype=torch.long), mu, cov, 100.0)
+    assert torch.isfinite(one_class) and torch.isclose(one_class, torch.tensor(math.log(2.0)))
+    none = prototype_contrastive_loss(f[:0], torch.zeros(0, dtype=torch.long), mu, cov, 100.0)
+    none.backward()
+    assert none.item() == 0.0 and torch.all(f.grad == 0)

@@ -209,6 +209,36 @@ def boundary_contrastive_loss(
     return torch.stack(losses).mean()
 
 
+def prototype_contrastive_loss(
+    features: torch.Tensor, labels: torch.Tensor, means: torch.Tensor, covs: torch.Tensor, tau: float = 100.0
+) -> torch.Tensor:
+    """Prototype-aware contrastive loss (PCL, Eq. 12 in its multi-class form).
+
+    ``features`` (N, F) anchors, ``labels`` (N,) int class of each anchor, ``means`` (C, F),
+    ``covs`` (C, F, F). Returns the mean over anchors of
+    ``-f.mu_y / tau + log sum_c exp(f.mu_c / tau + f^T Sigma_c f / (2 tau^2))``, computed on
+    the inputs as given (normalisation, anchor selection and ignore labels are the caller's).
+    0 (keeping the graph) when there are no anchors.
+    """
+    n = features.shape[0]
+    c, fdim = means.shape
+    if features.ndim != 2 or labels.shape != (n,) or features.shape[1] != fdim or covs.shape != (c, fdim, fdim):
+        raise ValueError(
+            f"expected features (N, F), labels (N,), means (C, F), covs (C, F, F); got {tuple(features.shape)}, "
+            f"{tuple(labels.shape)}, {tuple(means.shape)}, {tuple(covs.shape)}"
+        )
+    if n == 0:
+        return features.sum() * 0.0
+    f = _at_least_f32(features)
+    mu = means.to(f.dtype)
+    sigma = covs.to(f.dtype)
+    lin = f @ mu.T / tau  # (N, C)
+    quad = torch.einsum("nf,cfg,ng->nc", f, sigma, f) / (2 * tau**2)  # (N, C)
+    logits = lin + quad
+    own = lin.gather(1, labels.long().view(-1, 1)).squeeze(1)
+    return (torch.logsumexp(logits, dim=1) - own).mean()
+
+
 def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = DICE_EPS, include_background: bool = False) -> torch.Tensor:
     """Soft Dice loss (V-Net form), ``1 - mean_c (2 sum p_c y_c + eps) / (sum p_c^2 + sum y_c^2 + eps)``.
 
