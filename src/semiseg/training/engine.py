@@ -9,6 +9,13 @@ Methods (stage 1):
   crops (Eq. 9); lambda_c = 0.
 - ``aua_bcl``: ``aua`` + lambda_c * BCL on the labelled crops' projections (Eq. 14).
 
+Methods (stage 2, a fresh plain V-Net on labelled crops with ground truth and unlabelled
+crops with their stored pseudo labels):
+
+- ``aua_bcl_pl``: 0.5 * (CE + Dice) over all crops (pseudo labelling alone, lambda_r = 0).
+- ``full``: the same + lambda_r * PCL (Eq. 12, 15) against prototypes loaded from the
+  artifact and, with ``prototype_update``, updated with the labelled crops' features.
+
 Checkpoints (student, teacher, optimiser, scheduler, AMP scaler, RNG states, iteration,
 loss history) are written atomically every ``checkpoint_every`` iterations; a restarted
 run with the same settings resumes from the last one. On the CPU with a fixed seed an
@@ -34,6 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import torch.nn.functional as F
+
 from semiseg.io.atomic import atomic_path
 from semiseg.losses import (
     boundary_contrastive_loss,
@@ -41,12 +50,16 @@ from semiseg.losses import (
     consistency_weight,
     generalized_energy_distance,
     mc_integral_nll,
+    prototype_contrastive_loss,
     soft_dice_loss,
 )
 from semiseg.networks import SegmentationNet
+from semiseg.prototypes import PrototypeStatistics
 from semiseg.training.data import PatchBatches
 
-METHODS = ("supervised", "fully_supervised", "aua", "aua_bcl")
+STAGE1_METHODS = ("supervised", "fully_supervised", "aua", "aua_bcl")
+STAGE2_METHODS = ("aua_bcl_pl", "full")
+METHODS = STAGE1_METHODS + STAGE2_METHODS
 log = logging.getLogger("semiseg.training")
 
 
@@ -78,6 +91,10 @@ class TrainConfig:
     bcl_max_samples: int = 9000
     bcl_temperature: float = 0.07
     projection_channels: int = 16
+    lambda_r: float = 0.0
+    pcl_tau: float = 100.0
+    pcl_normalise: bool = True
+    prototype_update: bool = True
     seed: int = 1337
     amp: bool = True
 
@@ -86,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.method == "aua" and self.lambda_c:
             raise ValueError("method 'aua' has lambda_c = 0; use 'aua_bcl' for BCL")
+        if self.method == "aua_bcl_pl" and self.lambda_r:
+            raise ValueError("method 'aua_bcl_pl' has lambda_r = 0; use 'full' for PCL")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -101,6 +120,10 @@ class TrainConfig:
     @property
     def mean_teacher(self) -> bool:
         return self.method in ("aua", "aua_bcl")
+
+    @property
+    def stage(self) -> int:
+        return 2 if self.method in STAGE2_METHODS else 1
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -156,6 +179,50 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch
     scaler.update()
 
 
+def pcl_prototypes(stats: PrototypeStatistics, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(means (C, F), diagonal covariances (C, F, F)) for PCL, each L2-normalised when ``normalise``."""
+    means = stats.mean.float()
+    var = torch.diagonal(stats.cov, dim1=1, dim2=2).float()
+    if normalise:
+        means, var = F.normalize(means, dim=1), F.normalize(var, dim=1)
+    return means, torch.diag_embed(var)
+
+
+class Stage2Step:
+    """Stage-2 loss: 0.5 * (CE + Dice) on labelled + pseudo-labelled crops + lambda_r * PCL."""
+
+    def __init__(self, cfg: TrainConfig, student: SegmentationNet, prototypes: PrototypeStatistics | None) -> None:
+        if cfg.lambda_r and prototypes is None:
+            raise ValueError("PCL (lambda_r > 0) needs prototype statistics")
+        self.cfg, self.student, self.prototypes = cfg, student, prototypes
+
+    def __call__(self, batch: dict[str, torch.Tensor], iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        x = torch.cat([batch["image_l"], batch["image_u"]])
+        y = torch.cat([batch["label_l"], batch["label_u"]])
+        out = self.student(x)
+        sup = ce_dice_loss(out.logits, y)
+        terms = {"ce_dice": sup.item()}
+        loss = sup
+        if cfg.lambda_r:
+            feats = out.features.float().movedim(1, -1).reshape(-1, out.features.shape[1])  # (B*V, F)
+            flat = y.reshape(-1)
+            anchors = flat > 0  # foreground anchors; background is the ignore label
+            f = feats[anchors]
+            if cfg.pcl_normalise:
+                f = F.normalize(f, dim=1)
+            means, covs = pcl_prototypes(self.prototypes, cfg.pcl_normalise)
+            pcl = prototype_contrastive_loss(f, flat[anchors], means.to(f.device), covs.to(f.device), cfg.pcl_tau)
+            loss = loss + cfg.lambda_r * pcl
+            terms.update(pcl=pcl.item(), lambda_r=cfg.lambda_r, anchors=int(anchors.sum()))
+            if cfg.prototype_update:
+                n_l = batch["image_l"].numel() // batch["image_l"].shape[1]  # labelled voxels (first in the batch)
+                lf = feats[:n_l].detach()
+                self.prototypes.update(F.normalize(lf, dim=1) if cfg.pcl_normalise else lf, flat[:n_l])
+        terms["loss"] = loss.item()
+        return loss, terms
+
+
 class Stage1Step:
     """Loss of one iteration for a stage-1 method; returns (loss, logged terms)."""
 
@@ -207,11 +274,15 @@ def train(
     num_workers: int = 0,
     progress: bool = True,
     callback: Callable[[int], None] | None = None,
+    pseudo: Sequence[str | Path] | None = None,
+    prototypes: str | Path | None = None,
 ) -> Path:
     """Train one model; write ``model.pt`` and ``losses.csv`` in ``out_dir``; return the model path.
 
     ``labelled`` / ``unlabelled``: HDF5 case files. ``fully_supervised`` and ``supervised``
     treat ``unlabelled`` as extra labelled cases (fully) or ignore them (supervised).
+    Stage 2 also takes ``pseudo`` (one pseudo-label file per unlabelled case) and, for PCL,
+    ``prototypes`` (a :class:`PrototypeStatistics` file).
     ``checkpoint.pt`` in ``out_dir`` is resumed from when it matches ``cfg``.
     ``callback(iteration)`` runs after every iteration (progress hooks, tests).
     """
@@ -228,6 +299,16 @@ def train(
         lb, ub = cfg.labelled_batch, cfg.unlabelled_batch
         if not unlabelled:
             raise ValueError(f"method {cfg.method} needs unlabelled cases")
+    if cfg.stage == 2:
+        if pseudo is None or len(pseudo) != len(unlabelled):
+            raise ValueError(f"stage 2 needs one pseudo-label file per unlabelled case ({len(unlabelled)})")
+    else:
+        pseudo = None
+    stats = None
+    if cfg.stage == 2 and cfg.lambda_r:
+        if prototypes is None:
+            raise ValueError("method 'full' (lambda_r > 0) needs the prototype file")
+        stats = PrototypeStatistics.load(prototypes)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -256,17 +337,19 @@ def train(
             scaler.load_state_dict(ckpt["scaler"])
             _set_rng_state(ckpt["rng"])
             history, start = ckpt["history"], int(ckpt["iteration"])
+            if stats is not None:
+                stats.load_state_dict(ckpt["prototypes"])
             log.info("resuming from %s at iteration %d", ckpt_path, start)
         else:
             log.warning("ignoring %s: it was written with other settings", ckpt_path)
 
-    data = PatchBatches(labelled, unlabelled, cfg.patch_size, lb, ub, cfg.seed, cfg.iterations)
+    data = PatchBatches(labelled, unlabelled, cfg.patch_size, lb, ub, cfg.seed, cfg.iterations, pseudo=pseudo)
     loader = DataLoader(
         data, batch_size=None, sampler=range(start, cfg.iterations), num_workers=num_workers,
         pin_memory=dev.type == "cuda", persistent_workers=False, prefetch_factor=4 if num_workers else None,
         generator=torch.Generator(),  # its own: creating the iterator must not draw from the global RNG
     )
-    step_fn = Stage1Step(cfg, student, teacher)
+    step_fn = Stage2Step(cfg, student, stats) if cfg.stage == 2 else Stage1Step(cfg, student, teacher)
     student.train()
     if teacher is not None:
         teacher.train()  # as the method notes: both in train mode (dropout, batch statistics)
@@ -302,7 +385,7 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
         if (t + 1) % checkpoint_every == 0 or t + 1 == cfg.iterations:
-            _save_checkpoint(ckpt_path, cfg, t + 1, student, teacher, opt, sched, scaler, history)
+            _save_checkpoint(ckpt_path, cfg, t + 1, student, teacher, opt, sched, scaler, history, stats)
             write_history(history, out / "losses.csv")
             log.info("iteration %d/%d loss %.4f (data wait %.1f%% of step time)", t + 1, cfg.iterations,
                      terms["loss"], 100 * t_wait_total / max(t_step_total, 1e-9))
@@ -314,22 +397,24 @@ def train(
     model_path = out / "model.pt"
     with atomic_path(model_path) as tmp:
         torch.save({
-            "format": "semiseg-model-1", "stage": 1, "method": cfg.method, "config": asdict(cfg),
+            "format": "semiseg-model-1", "stage": cfg.stage, "method": cfg.method, "config": asdict(cfg),
             "network": student.config, "student": student.state_dict(),
             "teacher": teacher.state_dict() if teacher is not None else None,
             "iterations": cfg.iterations,
+            "prototypes": stats.state_dict() if stats is not None else None,
         }, tmp)
     write_history(history, out / "losses.csv")
     return model_path
 
 
-def _save_checkpoint(path, cfg, iteration, student, teacher, opt, sched, scaler, history) -> None:
+def _save_checkpoint(path, cfg, iteration, student, teacher, opt, sched, scaler, history, stats=None) -> None:
     with atomic_path(path) as tmp:
         torch.save({
             "fingerprint": cfg.fingerprint(), "iteration": iteration, "student": student.state_dict(),
             "teacher": teacher.state_dict() if teacher is not None else None,
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
             "rng": _rng_state(), "history": history,
+            "prototypes": stats.state_dict() if stats is not None else None,
         }, tmp)
 
 

@@ -1,0 +1,150 @@
+"""Between the stages: pseudo labels and prototype statistics as artifacts.
+
+Pseudo labels: whole-volume sliding-window inference of the stage-1 model, one HDF5 file
+per unlabelled case (``label`` uint8 hard label, ``probability`` float32 foreground
+probability), with the model file's SHA-256 as an attribute. Prototypes: stage-1 decoder
+features streamed over labelled volumes (with their labels) and unlabelled volumes (with
+their pseudo labels) into :class:`semiseg.prototypes.PrototypeStatistics`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from semiseg.inference import padding_for, sliding_window_predict, window_starts
+from semiseg.io.atomic import atomic_path
+from semiseg.prototypes import PrototypeStatistics
+from semiseg.training.engine import load_model, resolve_device
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_pseudo_label(
+    case_path: str | Path,
+    model_path: str | Path,
+    out_path: str | Path,
+    patch_size: Sequence[int],
+    stride: Sequence[int],
+    weights: str = "student",
+    device: str = "auto",
+    batch_size: int = 2,
+) -> dict:
+    """Predict one preprocessed case with a stage-1 model and write its pseudo-label file atomically."""
+    dev = resolve_device(device)
+    model = load_model(model_path, weights, str(dev))
+    with h5py.File(case_path, "r") as f:
+        image = f["image"][...]
+    probs = sliding_window_predict(model, image, patch_size, stride, batch_size=batch_size, device=dev)
+    label = probs.argmax(0).astype(np.uint8)
+    fg = (1.0 - probs[0]).astype(np.float32)
+    digest = file_sha256(model_path)
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
+        kw = {"chunks": tuple(min(32, n) for n in label.shape), "compression": "gzip", "compression_opts": 1}
+        f.create_dataset("label", data=label, **kw)
+        f.create_dataset("probability", data=fg, **kw)
+        f.attrs.update({"case_path": str(case_path), "model_path": str(model_path), "model_sha256": digest,
+                        "weights": weights, "patch_size": list(patch_size), "stride": list(stride), "axis_order": "xyz"})
+    return {"case": Path(case_path).stem, "foreground_fraction": float((label > 0).mean())}
+
+
+def pseudo_label_is_current(pseudo_path: str | Path, model_path: str | Path) -> bool:
+    """Whether a pseudo-label file was made by (a byte-identical copy of) ``model_path``."""
+    with h5py.File(pseudo_path, "r") as f:
+        return f.attrs.get("model_sha256") == file_sha256(model_path)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Foreground Dice of two label maps (1.0 when both are empty)."""
+    a, b = a > 0, b > 0
+    denom = a.sum() + b.sum()
+    return 1.0 if denom == 0 else float(2 * np.logical_and(a, b).sum() / denom)
+
+
+def pseudo_label_quality(pseudo_paths: Sequence[str | Path], case_paths: Sequence[str | Path], out_path: str | Path | None = None) -> pd.DataFrame:
+    """Dice of each pseudo label against the case's ground truth, plus a ``mean`` row.
+
+    Cases without ground truth are listed with an empty Dice. Written as CSV when ``out_path``.
+    """
+    rows = []
+    for pp, cp in zip(pseudo_paths, case_paths, strict=True):
+        with h5py.File(pp, "r") as fp, h5py.File(cp, "r") as fc:
+            d = dice(fp["label"][...], fc["label"][...]) if "label" in fc else None
+        rows.append({"case": Path(cp).stem, "dice": d})
+    table = pd.DataFrame(rows)
+    scored = table["dice"].dropna()
+    table = pd.concat([table, pd.DataFrame([{"case": "mean", "dice": scored.mean() if len(scored) else None}])], ignore_index=True)
+    if out_path is not None:
+        with atomic_path(out_path, suffix=".csv") as tmp:
+            table.to_csv(tmp, index=False)
+    return table
+
+
+@torch.inference_mode()
+def accumulate_features(
+    stats: PrototypeStatistics,
+    model: torch.nn.Module,
+    image: np.ndarray,
+    label: np.ndarray,
+    patch_size: Sequence[int],
+    device: torch.device,
+    normalise: bool = True,
+) -> None:
+    """Stream one volume's decoder features (each voxel once) with its labels into ``stats``.
+
+    Windows of the patch size tile the volume (the last one flush with the edge); a voxel
+    already counted by an earlier window is skipped, so every voxel counts once.
+    """
+    pads = padding_for(image.shape, patch_size)
+    img = np.pad(image.astype(np.float32), pads)
+    lab = np.pad(label.astype(np.int64), pads, constant_values=-1)  # padding: ignored label
+    seen = np.zeros(img.shape, dtype=bool)
+    starts = [window_starts(n, p, p) for n, p in zip(img.shape, patch_size, strict=True)]
+    model.eval()
+    for a, b, c in itertools.product(*starts):
+        sl = (slice(a, a + patch_size[0]), slice(b, b + patch_size[1]), slice(c, c + patch_size[2]))
+        x = torch.from_numpy(img[sl])[None, None].to(device)
+        feats = model(x, heads=False).features[0].float()  # (F, *patch)
+        if normalise:
+            feats = F.normalize(feats, dim=0)
+        new = ~seen[sl]
+        seen[sl] = True
+        mask = torch.from_numpy(new & (lab[sl] >= 0)).to(device)
+        stats.update(feats[:, mask].T, torch.from_numpy(lab[sl]).to(device)[mask])
+
+
+def estimate_prototypes(
+    model_path: str | Path,
+    labelled: Sequence[str | Path],
+    unlabelled: Sequence[str | Path],
+    pseudo: Sequence[str | Path],
+    patch_size: Sequence[int],
+    weights: str = "student",
+    normalise: bool = True,
+    device: str = "auto",
+) -> PrototypeStatistics:
+    """Per-class statistics of stage-1 features: labelled cases with their labels, unlabelled with pseudo labels."""
+    dev = resolve_device(device)
+    model = load_model(model_path, weights, str(dev))
+    num_classes = model.config["num_classes"]
+    stats = PrototypeStatistics(num_classes, model.config["base_filters"])
+    sources = [(p, p) for p in labelled] + list(zip(unlabelled, pseudo, strict=True))
+    for image_path, label_path in sources:
+        with h5py.File(image_path, "r") as fi, h5py.File(label_path, "r") as fl:
+            accumulate_features(stats, model, fi["image"][...], fl["label"][...], patch_size, dev, normalise)
+    return stats

@@ -1,0 +1,150 @@
+"""Between the stages and stage 2: pseudo-label artifacts, prototypes, PCL training, resume."""
+
+from __future__ import annotations
+
+import csv
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from semiseg.prototypes import PrototypeStatistics
+from semiseg.pseudo import (
+    accumulate_features,
+    estimate_prototypes,
+    pseudo_label_is_current,
+    pseudo_label_quality,
+    write_pseudo_label,
+)
+from semiseg.training.engine import TrainConfig, load_model, train
+from tests.test_training import TINY, tiny_cases  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny_cases, tmp_path_factory):  # noqa: F811
+    lab, unl = tiny_cases
+    out = tmp_path_factory.mktemp("stage1")
+    cfg = TrainConfig(method="aua_bcl", lambda_c=0.1, **{**TINY, "iterations": 3})
+    return train(cfg, lab, unl, out, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_cases, stage1, tmp_path_factory):  # noqa: F811
+    lab, unl = tiny_cases
+    out = tmp_path_factory.mktemp("pseudo")
+    pseudo = []
+    for case in unl:
+        p = out / f"{case.stem}.h5"
+        write_pseudo_label(case, stage1, p, (16, 16, 16), (8, 8, 8), device="cpu")
+        pseudo.append(p)
+    stats = estimate_prototypes(stage1, lab, unl, pseudo, (16, 16, 16), device="cpu")
+    stats.save(out / "prototypes.npz")
+    return pseudo, out / "prototypes.npz"
+
+
+def test_pseudo_label_artifact(tiny_cases, stage1, artifacts, tmp_path):  # noqa: F811
+    _, unl = tiny_cases
+    pseudo, _ = artifacts
+    with h5py.File(pseudo[0], "r") as f, h5py.File(unl[0], "r") as c:
+        assert f["label"].shape == c["image"].shape and f["label"].dtype == np.uint8
+        prob = f["probability"][...]
+        assert prob.dtype == np.float32 and prob.min() >= 0 and prob.max() <= 1
+        assert np.mean(f["label"][...] == (prob > 0.5)) > 0.999  # hard label = argmax (ties aside)
+        assert len(f.attrs["model_sha256"]) == 64 and f.attrs["weights"] == "student"
+    assert pseudo_label_is_current(pseudo[0], stage1)
+    # Same model, same prediction (round trip is deterministic).
+    again = tmp_path / "again.h5"
+    write_pseudo_label(unl[0], stage1, again, (16, 16, 16), (8, 8, 8), device="cpu")
+    with h5py.File(pseudo[0], "r") as a, h5py.File(again, "r") as b:
+        assert np.array_equal(a["label"][...], b["label"][...])
+    # A changed model invalidates it.
+    blob = torch.load(stage1, weights_only=False)
+    first = next(iter(blob["student"]))
+    blob["student"][first] = blob["student"][first] + 1
+    changed = tmp_path / "changed.pt"
+    torch.save(blob, changed)
+    assert not pseudo_label_is_current(pseudo[0], changed)
+
+
+def test_pseudo_label_quality_table(tiny_cases, stage1, artifacts, tmp_path):  # noqa: F811
+    lab, unl = tiny_cases
+    pseudo, _ = artifacts
+    table = pseudo_label_quality(pseudo, unl, tmp_path / "q.csv")
+    assert list(table["case"]) == [p.stem for p in unl] + ["mean"]
+    assert table["dice"].isna().all()  # these "unlabelled" cases have no ground truth
+    # Cases with ground truth are scored: Dice of the pseudo label against it.
+    scored = []
+    for case in lab[:2]:
+        p = tmp_path / f"{case.stem}.h5"
+        write_pseudo_label(case, stage1, p, (16, 16, 16), (8, 8, 8), device="cpu")
+        scored.append(p)
+    table = pseudo_label_quality(scored, lab[:2], tmp_path / "q2.csv")
+    for p, c, d in zip(scored, lab[:2], table["dice"][:2]):
+        with h5py.File(p, "r") as fp, h5py.File(c, "r") as fc:
+            a, b = fp["label"][...] > 0, fc["label"][...] > 0
+        assert np.isclose(d, 2 * (a & b).sum() / (a.sum() + b.sum()))
+    assert np.isclose(table["dice"].iloc[-1], table["dice"][:2].mean())
+    rows = list(csv.DictReader(open(tmp_path / "q2.csv", encoding="utf-8")))
+    assert rows[-1]["case"] == "mean" and float(rows[-1]["dice"]) == pytest.approx(table["dice"].iloc[-1])
+
+
+def test_prototypes_count_every_voxel_once(tiny_cases, stage1):  # noqa: F811
+    lab, _ = tiny_cases
+    model = load_model(stage1)
+    with h5py.File(lab[0], "r") as f:
+        image, label = f["image"][...], f["label"][...]
+    stats = PrototypeStatistics(2, model.config["base_filters"])
+    accumulate_features(stats, model, image, label, (16, 16, 16), torch.device("cpu"))
+    assert stats.count.tolist() == [float((label == 0).sum()), float((label == 1).sum())]
+    small = PrototypeStatistics(2, model.config["base_filters"])
+    accumulate_features(small, model, image[:10, :9, :8], label[:10, :9, :8], (16, 16, 16), torch.device("cpu"))
+    assert small.count.sum() == 10 * 9 * 8  # padding not counted
+    assert torch.all(stats.mean.norm(dim=1) <= 1 + 1e-6)  # means of unit-norm features
+    assert torch.isfinite(stats.cov).all()
+
+
+@pytest.mark.parametrize("method", ["aua_bcl_pl", "full"])
+def test_stage2_trains(tiny_cases, artifacts, tmp_path, method):  # noqa: F811
+    lab, unl = tiny_cases
+    pseudo, protos = artifacts
+    cfg = TrainConfig(method=method, lambda_r=0.1 if method == "full" else 0.0, **TINY)
+    path = train(cfg, lab, unl, tmp_path, device="cpu", progress=False, pseudo=pseudo,
+                 prototypes=protos if method == "full" else None, checkpoint_every=2)
+    blob = torch.load(path, weights_only=False)
+    assert blob["stage"] == 2 and blob["teacher"] is None
+    rows = list(csv.DictReader(open(tmp_path / "losses.csv", encoding="utf-8")))
+    assert len(rows) == cfg.iterations and all(np.isfinite(float(r["loss"])) for r in rows)
+    if method == "full":
+        assert {"pcl", "lambda_r"} <= set(rows[0])
+        start = PrototypeStatistics.load(protos)
+        assert torch.all(blob["prototypes"]["count"] > start.count)  # updated in stage 2
+    else:
+        assert "pcl" not in rows[0] and blob["prototypes"] is None
+
+
+def test_stage2_resume_equals_uninterrupted(tiny_cases, artifacts, tmp_path):  # noqa: F811
+    lab, unl = tiny_cases
+    pseudo, protos = artifacts
+    cfg = TrainConfig(method="full", lambda_r=0.1, **{**TINY, "iterations": 4})
+    kw = dict(device="cpu", progress=False, pseudo=pseudo, prototypes=protos, checkpoint_every=2)
+    train(cfg, lab, unl, tmp_path / "a", **kw)
+
+    def stop(t):
+        if t == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, lab, unl, tmp_path / "b", callback=stop, **kw)
+    train(cfg, lab, unl, tmp_path / "b", **kw)
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=False) for d in "ab")
+    assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
+    assert all(torch.equal(a["prototypes"][k], b["prototypes"][k]) for k in a["prototypes"])
+
+
+def test_stage2_needs_its_artifacts(tiny_cases, tmp_path):  # noqa: F811
+    lab, unl = tiny_cases
+    with pytest.raises(ValueError, match="pseudo-label file per unlabelled case"):
+        train(TrainConfig(method="aua_bcl_pl", **TINY), lab, unl, tmp_path, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="prototype file"):
+        train(TrainConfig(method="full", lambda_r=0.1, **TINY), lab, unl, tmp_path, device="cpu", progress=False, pseudo=unl)
