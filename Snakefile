@@ -13,6 +13,8 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/splits.smk"
 include: "workflow/rules/stage1.smk"
+include: "workflow/rules/between.smk"
+include: "workflow/rules/stage2.smk"
 
 
 rule all:

@@ -12,7 +12,7 @@ import torch
 from semiseg.io.h5 import write_case
 from semiseg.training.data import PatchBatches, pad_to
 from semiseg.training.engine import (
-    METHODS,
+    STAGE1_METHODS,
     Stage1Step,
     TrainConfig,
     build_model,
@@ -130,7 +130,7 @@ def test_checkpoint_of_other_settings_is_not_resumed(tiny_cases, tmp_path):
     assert [r["lr"] for r in _rows(tmp_path / "losses.csv")] == ["0.02", "0.02"]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", STAGE1_METHODS)
 def test_every_variant_trains_end_to_end(tiny_cases, tmp_path, method):
     lab, unl = tiny_cases
     cfg = TrainConfig(method=method, lambda_c=0.1 if method == "aua_bcl" else 0.0, **TINY)

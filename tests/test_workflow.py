@@ -48,7 +48,7 @@ def micro_config(**demo_overrides) -> dict:
     demo["training"] = {"iterations": 2, "base_filters": 2, "samples": 2, "rank": 2, "bcl_max_samples": 64,
                         "projection_channels": 4, "checkpoint_every": 1, "num_workers": 0}
     demo.update(demo_overrides)
-    return {"device": "auto", "training": cfg["training"], "datasets": {"demo": demo}}
+    return {"device": "auto", "between_stages": cfg["between_stages"], "training": cfg["training"], "datasets": {"demo": demo}}
 
 
 def write_config(workdir: Path, cfg: dict) -> None:
@@ -131,6 +131,8 @@ def test_keep_going_with_bad_cases(tmp_path):
 
 MODELS = [f"results/models/demo_5pct/stage1_{m}/model.pt" for m in ("supervised", "aua", "aua_bcl")] + [
     "results/models/demo/fully_supervised/model.pt"
+] + [f"results/models/demo_5pct/stage2_{m}/model.pt" for m in ("aua_bcl_pl", "full")] + [
+    "results/pseudo/demo_5pct/quality.csv"
 ]
 
 
@@ -153,17 +155,21 @@ def test_micro_demo_end_to_end(micro_run):
         d = res_dir / "splits" / "demo" / split
         assert len(d.joinpath("labelled.txt").read_text(encoding="utf-8").split()) == n_lab
         assert len(d.joinpath("test.txt").read_text(encoding="utf-8").split()) == 1
-    for model in MODELS:
+    for model in MODELS[:-1]:
         run_dir = (micro_run / model).parent
         assert (run_dir / "model.pt").stat().st_size > 0
         rows = (run_dir / "losses.csv").read_text(encoding="utf-8").splitlines()
         assert len(rows) == 3 and rows[0].startswith("iteration,lr,")
     log = (micro_run / "results/logs/train/demo_5pct_stage1_aua_bcl.log").read_text(encoding="utf-8")
     assert "training aua_bcl" in log and "lambda_c=0.01" in log
+    quality = (micro_run / "results/pseudo/demo_5pct/quality.csv").read_text(encoding="utf-8").splitlines()
+    assert quality[0] == "case,dice" and len(quality) == 2 + 2 and quality[-1].startswith("mean,")
+    assert (micro_run / "results/prototypes/demo_5pct/prototypes.npz").exists()
     assert smk(micro_run, "-n", "all", *MODELS).stdout.count("rule ") == 0  # up to date
 
 
-TRAIN_ALL = {"train_stage1": 3, "train_fully_supervised": 1}
+DOWNSTREAM_OF_AUA_BCL = {"pseudo_label": 2, "prototypes": 1, "pseudo_label_quality": 1, "train_stage2": 2}
+TRAIN_ALL = {"train_stage1": 3, "train_fully_supervised": 1, **DOWNSTREAM_OF_AUA_BCL}
 
 
 @pytest.mark.parametrize(
@@ -173,14 +179,19 @@ TRAIN_ALL = {"train_stage1": 3, "train_fully_supervised": 1}
          {"preprocess_case": 4, "preprocessing_summary": 1, "all": 1, **TRAIN_ALL}),
         (lambda c: c["datasets"]["demo"]["splits"]["50pct"].update(labelled_percent=70), {"make_split": 1, "all": 1}),
         (lambda c: c["datasets"]["demo"]["split"].update(seed=5), {"make_split": 2, "all": 1, **TRAIN_ALL}),
-        (lambda c: c["datasets"]["demo"]["splits"]["5pct"].update(lambda_c=0.5), {"train_stage1": 1}),
-        (lambda c: c["datasets"]["demo"]["training"].update(bcl_temperature=0.1), {"train_stage1": 1}),
-        (lambda c: c["training"].update(consistency_max=0.3), {"train_stage1": 2}),
+        (lambda c: c["datasets"]["demo"]["splits"]["5pct"].update(lambda_c=0.5), {"train_stage1": 1, **DOWNSTREAM_OF_AUA_BCL}),
+        (lambda c: c["datasets"]["demo"]["training"].update(bcl_temperature=0.1), {"train_stage1": 1, **DOWNSTREAM_OF_AUA_BCL}),
+        (lambda c: c["training"].update(consistency_max=0.3), {"train_stage1": 2, **DOWNSTREAM_OF_AUA_BCL}),
         (lambda c: c["datasets"]["demo"]["training"].update(lr=0.02), TRAIN_ALL),
+        (lambda c: c["datasets"]["demo"]["splits"]["5pct"].update(lambda_r=0.3), {"train_stage2": 1}),
+        (lambda c: c["training"].update(pcl_tau=50), {"train_stage2": 1}),
+        (lambda c: c["training"].update(pcl_normalise=False), {"prototypes": 1, "train_stage2": 1}),
+        (lambda c: c["between_stages"].update(weights="teacher"), DOWNSTREAM_OF_AUA_BCL),
         (lambda c: c["datasets"]["demo"]["training"].update(checkpoint_every=7, num_workers=1), {}),
+        (lambda c: c["between_stages"].update(batch_size=1), {}),
     ],
     ids=["crop_margin", "labelled_percent", "split_seed", "lambda_c", "bcl_temperature", "consistency_max", "lr",
-         "runtime_only"],
+         "lambda_r", "pcl_tau", "pcl_normalise", "between_weights", "runtime_only", "runtime_batch"],
 )
 def test_change_one_value_reruns_only_dependents(micro_run, change, expected):
     cfg = micro_config()
@@ -190,8 +201,34 @@ def test_change_one_value_reruns_only_dependents(micro_run, change, expected):
         res = smk(micro_run, "-n", "all", *MODELS)
         assert res.returncode == 0, res.stderr
         assert job_counts(res.stdout + res.stderr) == expected
+        out = res.stdout + res.stderr
         if expected.get("train_stage1") in (1, 2):
-            out = res.stdout + res.stderr
-            assert "stage1_supervised" not in out.split("rule train_stage1", 1)[-1]
+            assert "output: results/models/demo_5pct/stage1_supervised" not in out
+        if expected.get("train_stage2") == 1:
+            assert "output: results/models/demo_5pct/stage2_aua_bcl_pl" not in out
     finally:
         write_config(micro_run, micro_config())
+
+
+def test_demo_ablation_dag_shares_the_artifacts(tmp_path):
+    """Stage-1 model, each pseudo label and the prototype file: made once, used by both stage-2 runs."""
+    write_config(tmp_path, micro_config())
+    targets = [f"results/models/demo_5pct/stage2_{m}/model.pt" for m in ("aua_bcl_pl", "full")]
+    res = smk(tmp_path, "-n", *targets)
+    assert res.returncode == 0, res.stderr
+    counts = job_counts(res.stdout + res.stderr)
+    assert counts["train_stage1"] == 1 and counts["prototypes"] == 1 and counts["train_stage2"] == 2
+    assert counts["pseudo_label"] == 2  # one per unlabelled case
+    dag = smk(tmp_path, "--dag", "dot", *targets).stdout
+    edges = re.findall(r"(\d+) -> (\d+)", dag)
+    labels = dict(re.findall(r'(\d+)\[label = "([a-z_0-9]+)', dag))
+    stage2 = [n for n, name in labels.items() if name == "train_stage2"]
+    into = {n: {labels[a] for a, b in edges if b == n} for n in stage2}
+    assert sorted(map(sorted, into.values())) == sorted([
+        ["make_split", "preprocess_case", "pseudo_label"],
+        ["make_split", "preprocess_case", "prototypes", "pseudo_label"],
+    ])
+    pseudo_nodes = [n for n, name in labels.items() if name == "pseudo_label"]
+    for n in pseudo_nodes:  # each pseudo label feeds both stage-2 runs and the prototypes
+        assert {labels[b] for a, b in edges if a == n} == {"train_stage2", "prototypes"}
+        assert sum(1 for a, b in edges if a == n and labels[b] == "train_stage2") == 2

@@ -34,6 +34,7 @@ GENERATED = [name for name, ds in DATASETS.items() if ds.get("generate")]
 RESULTS = "results"
 
 STAGE1_METHODS_PATTERN = ("supervised", "aua", "aua_bcl")
+STAGE2_METHODS_PATTERN = ("aua_bcl_pl", "full")
 
 SPLIT_SELECTION_KEYS = (
     "labelled_percent",
@@ -48,6 +49,7 @@ wildcard_constraints:
     case="[A-Za-z0-9_.-]+",
     split="[A-Za-z0-9]+",
     method="|".join(STAGE1_METHODS_PATTERN),
+    method2="|".join(STAGE2_METHODS_PATTERN),
 
 
 _CASES = {}
@@ -156,6 +158,9 @@ METHOD_KEYS = {
     "aua_bcl": TRAIN_COMMON
     + MEAN_TEACHER
     + ("bcl_max_samples", "bcl_temperature", "projection_channels"),
+    "aua_bcl_pl": TRAIN_COMMON + ("unlabelled_batch",),
+    "full": TRAIN_COMMON
+    + ("unlabelled_batch", "pcl_tau", "pcl_normalise", "prototype_update"),
 }
 
 
@@ -175,6 +180,8 @@ def train_params(dataset, method, split=None):
     )
     if method == "aua_bcl":
         params["lambda_c"] = DATASETS[dataset]["splits"][split]["lambda_c"]
+    if method == "full":
+        params["lambda_r"] = DATASETS[dataset]["splits"][split]["lambda_r"]
     return params
 
 
@@ -219,4 +226,57 @@ def fully_supervised_inputs(wildcards):
         "split": f"{RESULTS}/splits/{wildcards.dataset}/{first}/split.json",
         "labelled": case_files(wildcards.dataset, s.labelled + s.unlabelled),
         "unlabelled": [],
+    }
+
+
+# ---- between the stages and stage 2 ----------------------------------------------
+
+STAGE1_MODEL = f"{RESULTS}/models/{{dataset}}_{{split}}/stage1_aua_bcl/model.pt"
+
+
+def pseudo_files(dataset, split):
+    return [
+        f"{RESULTS}/pseudo/{dataset}_{split}/{c}.h5"
+        for c in split_of(dataset, split).unlabelled
+    ]
+
+
+def pseudo_quality_inputs(wildcards):
+    s = split_of(wildcards.dataset, wildcards.split)
+    return {
+        "pseudo": pseudo_files(wildcards.dataset, wildcards.split),
+        "cases": case_files(wildcards.dataset, s.unlabelled),
+    }
+
+
+def prototype_inputs(wildcards):
+    s = split_of(wildcards.dataset, wildcards.split)
+    return {
+        "model": STAGE1_MODEL.format(dataset=wildcards.dataset, split=wildcards.split),
+        "labelled": case_files(wildcards.dataset, s.labelled),
+        "unlabelled": case_files(wildcards.dataset, s.unlabelled),
+        "pseudo": pseudo_files(wildcards.dataset, wildcards.split),
+    }
+
+
+def stage2_inputs(wildcards):
+    s = split_of(wildcards.dataset, wildcards.split)
+    inputs = {
+        "split": f"{RESULTS}/splits/{wildcards.dataset}/{wildcards.split}/split.json",
+        "labelled": case_files(wildcards.dataset, s.labelled),
+        "unlabelled": case_files(wildcards.dataset, s.unlabelled),
+        "pseudo": pseudo_files(wildcards.dataset, wildcards.split),
+    }
+    if wildcards.method2 == "full":
+        inputs["prototypes"] = (
+            f"{RESULTS}/prototypes/{wildcards.dataset}_{wildcards.split}/prototypes.npz"
+        )
+    return inputs
+
+
+def feature_params(wildcards):
+    """What the stage-1 features / predictions used between the stages depend on."""
+    return {
+        "weights": config["between_stages"]["weights"],
+        "patch_size": DATASETS[wildcards.dataset]["patch_size"],
     }

@@ -1,4 +1,4 @@
-"""Rules train_stage1 / train_fully_supervised: one training run of the shared engine."""
+"""Rules train_stage1 / train_fully_supervised / train_stage2: one run of the shared engine."""
 
 from pathlib import Path
 
@@ -15,6 +15,7 @@ with job(snakemake.log[0], "train") as log:  # noqa: F821
     config = snakemake.config  # noqa: F821
     runtime = {**config["training"], **config["datasets"][snakemake.wildcards.dataset].get("training", {})}  # noqa: F821
     log.info("training %s: %s", cfg.method, cfg)
+    inputs = snakemake.input  # noqa: F821
     train(
         cfg,
         labelled=list(snakemake.input.labelled),  # noqa: F821
@@ -23,4 +24,6 @@ with job(snakemake.log[0], "train") as log:  # noqa: F821
         device=config["device"],
         checkpoint_every=runtime["checkpoint_every"],
         num_workers=runtime["num_workers"],
+        pseudo=list(inputs.pseudo) if "pseudo" in inputs.keys() else None,
+        prototypes=inputs.prototypes if "prototypes" in inputs.keys() else None,
     )

@@ -1,0 +1,55 @@
+# Between the stages: pseudo labels (one job per unlabelled case), their quality where
+# ground truth exists, and the prototype statistics; each computed once and shared by
+# both stage-2 variants.
+
+
+rule pseudo_label:
+    input:
+        model=STAGE1_MODEL,
+        case=f"{RESULTS}/preprocessed/{{dataset}}/{{case}}.h5",
+    output:
+        f"{RESULTS}/pseudo/{{dataset}}_{{split}}/{{case}}.h5",
+    log:
+        f"{RESULTS}/logs/pseudo/{{dataset}}_{{split}}/{{case}}.log",
+    conda:
+        "../../envs/semiseg.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        features=feature_params,
+        stride=lambda w: DATASETS[w.dataset]["stride"],
+    script:
+        "../scripts/pseudo_label.py"
+
+
+rule pseudo_label_quality:
+    input:
+        unpack(pseudo_quality_inputs),
+    output:
+        f"{RESULTS}/pseudo/{{dataset}}_{{split}}/quality.csv",
+    log:
+        f"{RESULTS}/logs/pseudo/{{dataset}}_{{split}}/quality.log",
+    conda:
+        "../../envs/semiseg.yaml"
+    script:
+        "../scripts/pseudo_label_quality.py"
+
+
+rule prototypes:
+    input:
+        unpack(prototype_inputs),
+    output:
+        f"{RESULTS}/prototypes/{{dataset}}_{{split}}/prototypes.npz",
+    log:
+        f"{RESULTS}/logs/prototypes/{{dataset}}_{{split}}.log",
+    conda:
+        "../../envs/semiseg.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        features=feature_params,
+        normalise=lambda w: training_settings(w.dataset)["pcl_normalise"],
+    script:
+        "../scripts/prototypes.py"

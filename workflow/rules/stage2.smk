@@ -1,0 +1,21 @@
+# Stage 2: a fresh V-Net on labelled crops (ground truth) and unlabelled crops (stored
+# pseudo labels); `aua_bcl_pl` (lambda_r = 0) and `full` (+ PCL) share the artifacts.
+
+
+rule train_stage2:
+    input:
+        unpack(stage2_inputs),
+    output:
+        model=f"{RESULTS}/models/{{dataset}}_{{split}}/stage2_{{method2}}/model.pt",
+        losses=f"{RESULTS}/models/{{dataset}}_{{split}}/stage2_{{method2}}/losses.csv",
+    log:
+        f"{RESULTS}/logs/train/{{dataset}}_{{split}}_stage2_{{method2}}.log",
+    conda:
+        "../../envs/semiseg.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+    params:
+        train=lambda w: train_params(w.dataset, w.method2, w.split),
+    script:
+        "../scripts/train.py"

@@ -1,0 +1,21 @@
+"""Rule pseudo_label: one unlabelled case through the stage-1 model -> pseudo-label file."""
+
+import torch
+
+from semiseg.jobs import job
+from semiseg.pseudo import write_pseudo_label
+
+with job(snakemake.log[0], "pseudo") as log:  # noqa: F821
+    torch.set_num_threads(snakemake.threads)  # noqa: F821
+    config = snakemake.config  # noqa: F821
+    summary = write_pseudo_label(
+        snakemake.input.case,  # noqa: F821
+        snakemake.input.model,  # noqa: F821
+        snakemake.output[0],  # noqa: F821
+        patch_size=snakemake.params.features["patch_size"],  # noqa: F821
+        stride=snakemake.params.stride,  # noqa: F821
+        weights=snakemake.params.features["weights"],  # noqa: F821
+        device=config["device"],
+        batch_size=config["between_stages"]["batch_size"],
+    )
+    log.info("%s", summary)
