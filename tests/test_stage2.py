@@ -148,3 +148,37 @@ def test_stage2_needs_its_artifacts(tiny_cases, tmp_path):  # noqa: F811
         train(TrainConfig(method="aua_bcl_pl", **TINY), lab, unl, tmp_path, device="cpu", progress=False)
     with pytest.raises(ValueError, match="prototype file"):
         train(TrainConfig(method="full", lambda_r=0.1, **TINY), lab, unl, tmp_path, device="cpu", progress=False, pseudo=unl)
+
+
+def test_projection_layer_prototypes(tiny_cases, stage1, artifacts):  # noqa: F811
+    lab, unl = tiny_cases
+    pseudo, _ = artifacts
+    stats = estimate_prototypes(stage1, lab[:1], [], [], (16, 16, 16), device="cpu", layer="projection")
+    assert stats.feature_dim == TINY["projection_channels"]
+    with pytest.raises(ValueError, match="feature layer"):
+        estimate_prototypes(stage1, lab[:1], [], [], (16, 16, 16), device="cpu", layer="bottleneck")
+
+
+def test_stage2_initialised_from_stage1(tiny_cases, stage1, artifacts, tmp_path):  # noqa: F811
+    from semiseg.training.engine import build_model, init_from_stage1
+
+    lab, unl = tiny_cases
+    cfg = TrainConfig(method="aua_bcl_pl", stage2_init="stage1", **{**TINY, "iterations": 1})
+    net = build_model(cfg)
+    init_from_stage1(net, stage1)
+    src = load_model(stage1)
+    assert all(torch.equal(a, b) for a, b in zip(net.backbone.state_dict().values(), src.backbone.state_dict().values()))
+    x = torch.randn(2, 1, 16, 16, 16)
+    net.eval(), src.eval()
+    assert torch.allclose(net(x).logits, src(x, heads=False).logits, atol=1e-6)
+    with pytest.raises(ValueError, match="init_from"):
+        train(cfg, lab, unl, tmp_path, device="cpu", progress=False, pseudo=artifacts[0])
+    train(cfg, lab, unl, tmp_path, device="cpu", progress=False, pseudo=artifacts[0], init_from=stage1)
+
+
+def test_prototype_dimension_must_fit_stage2(tiny_cases, artifacts, tmp_path):  # noqa: F811
+    lab, unl = tiny_cases
+    pseudo, protos = artifacts
+    cfg = TrainConfig(method="full", lambda_r=0.1, **{**TINY, "base_filters": 4})
+    with pytest.raises(ValueError, match="do not fit"):
+        train(cfg, lab, unl, tmp_path, device="cpu", progress=False, pseudo=pseudo, prototypes=protos)

@@ -187,11 +187,14 @@ TRAIN_ALL = {"train_stage1": 3, "train_fully_supervised": 1, **DOWNSTREAM_OF_AUA
         (lambda c: c["training"].update(pcl_tau=50), {"train_stage2": 1}),
         (lambda c: c["training"].update(pcl_normalise=False), {"prototypes": 1, "train_stage2": 1}),
         (lambda c: c["between_stages"].update(weights="teacher"), DOWNSTREAM_OF_AUA_BCL),
+        (lambda c: c["between_stages"].update(feature_layer="projection"), {"prototypes": 1, "train_stage2": 1}),
+        (lambda c: c["training"].update(stage2_init="stage1"), {"train_stage2": 2}),
         (lambda c: c["datasets"]["demo"]["training"].update(checkpoint_every=7, num_workers=1), {}),
         (lambda c: c["between_stages"].update(batch_size=1), {}),
     ],
     ids=["crop_margin", "labelled_percent", "split_seed", "lambda_c", "bcl_temperature", "consistency_max", "lr",
-         "lambda_r", "pcl_tau", "pcl_normalise", "between_weights", "runtime_only", "runtime_batch"],
+         "lambda_r", "pcl_tau", "pcl_normalise", "between_weights", "feature_layer", "stage2_init", "runtime_only",
+         "runtime_batch"],
 )
 def test_change_one_value_reruns_only_dependents(micro_run, change, expected):
     cfg = micro_config()

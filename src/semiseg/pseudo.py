@@ -104,8 +104,12 @@ def accumulate_features(
     patch_size: Sequence[int],
     device: torch.device,
     normalise: bool = True,
+    layer: str = "decoder",
 ) -> None:
-    """Stream one volume's decoder features (each voxel once) with its labels into ``stats``.
+    """Stream one volume's features (each voxel once) with its labels into ``stats``.
+
+    ``layer``: ``decoder`` (the last decoder block, before the projection head: the method
+    notes' choice) or ``projection`` (the projection-head embeddings of a BCL model).
 
     Windows of the patch size tile the volume (the last one flush with the edge); a voxel
     already counted by an earlier window is skipped, so every voxel counts once.
@@ -119,7 +123,10 @@ def accumulate_features(
     for a, b, c in itertools.product(*starts):
         sl = (slice(a, a + patch_size[0]), slice(b, b + patch_size[1]), slice(c, c + patch_size[2]))
         x = torch.from_numpy(img[sl])[None, None].to(device)
-        feats = model(x, heads=False).features[0].float()  # (F, *patch)
+        feats = model(x, heads=False).features
+        if layer == "projection":
+            feats = model.project(feats)
+        feats = feats[0].float()  # (F, *patch)
         if normalise:
             feats = F.normalize(feats, dim=0)
         new = ~seen[sl]
@@ -137,14 +144,18 @@ def estimate_prototypes(
     weights: str = "student",
     normalise: bool = True,
     device: str = "auto",
+    layer: str = "decoder",
 ) -> PrototypeStatistics:
     """Per-class statistics of stage-1 features: labelled cases with their labels, unlabelled with pseudo labels."""
+    if layer not in ("decoder", "projection"):
+        raise ValueError(f"feature layer must be 'decoder' or 'projection', got {layer!r}")
     dev = resolve_device(device)
     model = load_model(model_path, weights, str(dev))
     num_classes = model.config["num_classes"]
-    stats = PrototypeStatistics(num_classes, model.config["base_filters"])
+    dim = model.config["projection_channels"] if layer == "projection" else model.config["base_filters"]
+    stats = PrototypeStatistics(num_classes, dim)
     sources = [(p, p) for p in labelled] + list(zip(unlabelled, pseudo, strict=True))
     for image_path, label_path in sources:
         with h5py.File(image_path, "r") as fi, h5py.File(label_path, "r") as fl:
-            accumulate_features(stats, model, fi["image"][...], fl["label"][...], patch_size, dev, normalise)
+            accumulate_features(stats, model, fi["image"][...], fl["label"][...], patch_size, dev, normalise, layer)
     return stats

@@ -50,6 +50,7 @@ rule prototypes:
         gpu=1,
     params:
         features=feature_params,
+        layer=config["between_stages"]["feature_layer"],
         normalise=lambda w: training_settings(w.dataset)["pcl_normalise"],
     script:
         "../scripts/prototypes.py"

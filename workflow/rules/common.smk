@@ -158,9 +158,15 @@ METHOD_KEYS = {
     "aua_bcl": TRAIN_COMMON
     + MEAN_TEACHER
     + ("bcl_max_samples", "bcl_temperature", "projection_channels"),
-    "aua_bcl_pl": TRAIN_COMMON + ("unlabelled_batch",),
+    "aua_bcl_pl": TRAIN_COMMON + ("unlabelled_batch", "stage2_init"),
     "full": TRAIN_COMMON
-    + ("unlabelled_batch", "pcl_tau", "pcl_normalise", "prototype_update"),
+    + (
+        "unlabelled_batch",
+        "stage2_init",
+        "pcl_tau",
+        "pcl_normalise",
+        "prototype_update",
+    ),
 }
 
 
@@ -270,6 +276,10 @@ def stage2_inputs(wildcards):
     if wildcards.method2 == "full":
         inputs["prototypes"] = (
             f"{RESULTS}/prototypes/{wildcards.dataset}_{wildcards.split}/prototypes.npz"
+        )
+    if training_settings(wildcards.dataset)["stage2_init"] == "stage1":
+        inputs["init"] = STAGE1_MODEL.format(
+            dataset=wildcards.dataset, split=wildcards.split
         )
     return inputs
 

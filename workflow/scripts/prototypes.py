@@ -15,6 +15,7 @@ with job(snakemake.log[0], "prototypes") as log:  # noqa: F821
         patch_size=snakemake.params.features["patch_size"],  # noqa: F821
         weights=snakemake.params.features["weights"],  # noqa: F821
         normalise=snakemake.params.normalise,  # noqa: F821
+        layer=snakemake.params.layer,  # noqa: F821
         device=snakemake.config["device"],  # noqa: F821
     )
     stats.save(snakemake.output[0], model_sha256=file_sha256(snakemake.input.model))  # noqa: F821

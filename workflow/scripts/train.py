@@ -26,4 +26,5 @@ with job(snakemake.log[0], "train") as log:  # noqa: F821
         num_workers=runtime["num_workers"],
         pseudo=list(inputs.pseudo) if "pseudo" in inputs.keys() else None,
         prototypes=inputs.prototypes if "prototypes" in inputs.keys() else None,
+        init_from=inputs.init if "init" in inputs.keys() else None,
     )

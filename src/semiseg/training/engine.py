@@ -95,6 +95,7 @@ class TrainConfig:
     pcl_tau: float = 100.0
     pcl_normalise: bool = True
     prototype_update: bool = True
+    stage2_init: str = "fresh"
     seed: int = 1337
     amp: bool = True
 
@@ -103,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.method == "aua" and self.lambda_c:
             raise ValueError("method 'aua' has lambda_c = 0; use 'aua_bcl' for BCL")
+        if self.stage2_init not in ("fresh", "stage1"):
+            raise ValueError(f"stage2_init must be 'fresh' or 'stage1', got {self.stage2_init!r}")
         if self.method == "aua_bcl_pl" and self.lambda_r:
             raise ValueError("method 'aua_bcl_pl' has lambda_r = 0; use 'full' for PCL")
 
@@ -276,13 +279,15 @@ def train(
     callback: Callable[[int], None] | None = None,
     pseudo: Sequence[str | Path] | None = None,
     prototypes: str | Path | None = None,
+    init_from: str | Path | None = None,
 ) -> Path:
     """Train one model; write ``model.pt`` and ``losses.csv`` in ``out_dir``; return the model path.
 
     ``labelled`` / ``unlabelled``: HDF5 case files. ``fully_supervised`` and ``supervised``
     treat ``unlabelled`` as extra labelled cases (fully) or ignore them (supervised).
     Stage 2 also takes ``pseudo`` (one pseudo-label file per unlabelled case) and, for PCL,
-    ``prototypes`` (a :class:`PrototypeStatistics` file).
+    ``prototypes`` (a :class:`PrototypeStatistics` file) and, with ``stage2_init: stage1``,
+    ``init_from`` (the stage-1 model whose backbone and mean head start the network).
     ``checkpoint.pt`` in ``out_dir`` is resumed from when it matches ``cfg``.
     ``callback(iteration)`` runs after every iteration (progress hooks, tests).
     """
@@ -309,11 +314,20 @@ def train(
         if prototypes is None:
             raise ValueError("method 'full' (lambda_r > 0) needs the prototype file")
         stats = PrototypeStatistics.load(prototypes)
+        if stats.feature_dim != cfg.base_filters or stats.num_classes != cfg.num_classes:
+            raise ValueError(
+                f"{prototypes}: prototypes of {stats.num_classes} classes x {stats.feature_dim} features do not fit a "
+                f"stage-2 V-Net of {cfg.num_classes} classes x {cfg.base_filters} features"
+            )
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     student = build_model(cfg).to(dev)
+    if cfg.stage == 2 and cfg.stage2_init == "stage1":
+        if init_from is None:
+            raise ValueError("stage2_init 'stage1' needs the stage-1 model (init_from)")
+        init_from_stage1(student, init_from)
     teacher = None
     if cfg.mean_teacher:
         teacher = copy.deepcopy(student)
@@ -405,6 +419,20 @@ def train(
         }, tmp)
     write_history(history, out / "losses.csv")
     return model_path
+
+
+def init_from_stage1(net: SegmentationNet, model_path: str | Path) -> None:
+    """Start a plain V-Net from a stage-1 model: its backbone (strict) and the aleatoric mean branch as the head."""
+    source = load_model(model_path, "student")
+    missing = net.backbone.load_state_dict(source.backbone.state_dict(), strict=True)
+    del missing
+    c = net.seg_head.out_channels
+    if source.aleatoric is None:
+        net.seg_head.load_state_dict(source.seg_head.state_dict(), strict=True)
+    else:
+        with torch.no_grad():
+            net.seg_head.weight.copy_(source.aleatoric.branches.weight[:c])
+            net.seg_head.bias.copy_(source.aleatoric.branches.bias[:c])
 
 
 def _save_checkpoint(path, cfg, iteration, student, teacher, opt, sched, scaler, history, stats=None) -> None:
