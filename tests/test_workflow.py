@@ -61,7 +61,9 @@ def test_dry_run_of_demo_target(tmp_path):
     res = smk(tmp_path, "-n", "all")
     assert res.returncode == 0, res.stderr
     counts = job_counts(res.stdout + res.stderr)
-    assert counts == {"generate_demo": 1, "preprocess_case": 40, "preprocessing_summary": 1, "make_split": 2, "all": 1}
+    assert counts == {"generate_demo": 1, "preprocess_case": 40, "preprocessing_summary": 1, "make_split": 2, "all": 1,
+                      "train_stage1": 3, "train_fully_supervised": 1, "pseudo_label": 30, "prototypes": 1,
+                      "pseudo_label_quality": 1, "train_stage2": 2}
 
 
 def test_lint_clean():
@@ -134,6 +136,7 @@ MODELS = [f"results/models/demo_5pct/stage1_{m}/model.pt" for m in ("supervised"
 ] + [f"results/models/demo_5pct/stage2_{m}/model.pt" for m in ("aua_bcl_pl", "full")] + [
     "results/pseudo/demo_5pct/quality.csv"
 ]
+DATA = ["results/preprocessed/demo/summary.tsv"] + [f"results/splits/demo/{s}/split.json" for s in ("5pct", "50pct")]
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +168,7 @@ def test_micro_demo_end_to_end(micro_run):
     quality = (micro_run / "results/pseudo/demo_5pct/quality.csv").read_text(encoding="utf-8").splitlines()
     assert quality[0] == "case,dice" and len(quality) == 2 + 2 and quality[-1].startswith("mean,")
     assert (micro_run / "results/prototypes/demo_5pct/prototypes.npz").exists()
-    assert smk(micro_run, "-n", "all", *MODELS).stdout.count("rule ") == 0  # up to date
+    assert smk(micro_run, "-n", "all").stdout.count("rule ") == 0  # up to date
 
 
 DOWNSTREAM_OF_AUA_BCL = {"pseudo_label": 2, "prototypes": 1, "pseudo_label_quality": 1, "train_stage2": 2}
@@ -176,9 +179,9 @@ TRAIN_ALL = {"train_stage1": 3, "train_fully_supervised": 1, **DOWNSTREAM_OF_AUA
     ("change", "expected"),
     [
         (lambda c: c["datasets"]["demo"]["preprocessing"].update(crop_margin=3),
-         {"preprocess_case": 4, "preprocessing_summary": 1, "all": 1, **TRAIN_ALL}),
-        (lambda c: c["datasets"]["demo"]["splits"]["50pct"].update(labelled_percent=70), {"make_split": 1, "all": 1}),
-        (lambda c: c["datasets"]["demo"]["split"].update(seed=5), {"make_split": 2, "all": 1, **TRAIN_ALL}),
+         {"preprocess_case": 4, "preprocessing_summary": 1, **TRAIN_ALL}),
+        (lambda c: c["datasets"]["demo"]["splits"]["50pct"].update(labelled_percent=70), {"make_split": 1}),
+        (lambda c: c["datasets"]["demo"]["split"].update(seed=5), {"make_split": 2, **TRAIN_ALL}),
         (lambda c: c["datasets"]["demo"]["splits"]["5pct"].update(lambda_c=0.5), {"train_stage1": 1, **DOWNSTREAM_OF_AUA_BCL}),
         (lambda c: c["datasets"]["demo"]["training"].update(bcl_temperature=0.1), {"train_stage1": 1, **DOWNSTREAM_OF_AUA_BCL}),
         (lambda c: c["training"].update(consistency_max=0.3), {"train_stage1": 2, **DOWNSTREAM_OF_AUA_BCL}),
@@ -201,7 +204,7 @@ def test_change_one_value_reruns_only_dependents(micro_run, change, expected):
     change(cfg)
     write_config(micro_run, cfg)
     try:
-        res = smk(micro_run, "-n", "all", *MODELS)
+        res = smk(micro_run, "-n", *DATA, *MODELS)
         assert res.returncode == 0, res.stderr
         assert job_counts(res.stdout + res.stderr) == expected
         out = res.stdout + res.stderr

@@ -119,9 +119,24 @@ def data_targets(dataset):
     )
 
 
+def model_targets(dataset, split):
+    """Every model of one data set and split (stage 1, upper bound, stage 2) and the pseudo-label quality."""
+    prefix = f"{RESULTS}/models/{dataset}_{split}"
+    return (
+        [f"{prefix}/stage1_{m}/model.pt" for m in STAGE1_METHODS_PATTERN]
+        + [f"{RESULTS}/models/{dataset}/fully_supervised/model.pt"]
+        + [f"{prefix}/stage2_{m}/model.pt" for m in STAGE2_METHODS_PATTERN]
+        + [f"{RESULTS}/pseudo/{dataset}_{split}/quality.csv"]
+    )
+
+
 def default_targets():
-    """The data stages of every generated (demo) data set."""
-    return [t for name in GENERATED for t in data_targets(name)]
+    """Every generated (demo) data set: its data stages, and every model of its first split."""
+    targets = []
+    for name in GENERATED:
+        first = next(iter(DATASETS[name]["splits"]))
+        targets += data_targets(name) + model_targets(name, first)
+    return targets
 
 
 # ---- training ---------------------------------------------------------------------

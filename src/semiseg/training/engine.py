@@ -235,11 +235,8 @@ class Stage1Step:
     def __call__(self, batch: dict[str, torch.Tensor], iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         x_l, y_l = batch["image_l"], batch["label_l"]
-        if not cfg.mean_teacher:
-            x = torch.cat([x_l, batch["image_u"]]) if "image_u" in batch else x_l
-            y = torch.cat([y_l, batch["label_u"]]) if "label_u" in batch else y_l
-            out = self.student(x)
-            loss = ce_dice_loss(out.logits, y)
+        if not cfg.mean_teacher:  # supervised, fully_supervised: labelled crops only
+            loss = ce_dice_loss(self.student(x_l).logits, y_l)
             return loss, {"loss": loss.item(), "ce_dice": loss.item()}
         x_u = batch["image_u"]
         n_l = x_l.shape[0]
