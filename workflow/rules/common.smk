@@ -141,7 +141,6 @@ def default_targets():
 
 # ---- training ---------------------------------------------------------------------
 
-STAGE1_METHODS = ("supervised", "aua", "aua_bcl")
 # Hyperparameters each method uses (its rule's params hold exactly these).
 TRAIN_COMMON = (
     "iterations",
