@@ -117,3 +117,38 @@ def sliding_window_predict(
         probs /= counts
     sl = tuple(slice(a, n - b) for (a, b), n in zip(pads, shape, strict=True))
     return probs[(slice(None), *sl)].cpu().numpy()
+
+
+def to_raw_geometry(label: np.ndarray, attrs: dict) -> "sitk.Image":
+    """Put a label map of the stored (preprocessed) grid back on the raw image's grid.
+
+    ``label`` (X, Y, Z) in the HDF5 case's grid; ``attrs`` that case file's attributes. The
+    crop is undone (zeros outside the crop box) and the resampling undone by nearest
+    neighbour, so the result overlays on the original scan (ITK-SNAP, 3D Slicer): its size,
+    spacing, origin and direction are the raw image's.
+    """
+    import SimpleITK as sitk
+
+    from semiseg.io.h5 import CaseGeometry
+    from semiseg.io.readers import from_xyz_array
+
+    cg = CaseGeometry.from_attrs(attrs)
+    if tuple(label.shape) != cg.stored.size:
+        raise ValueError(f"label shape {tuple(label.shape)} differs from the case's stored shape {cg.stored.size}")
+    full = np.zeros(cg.resampled.size, dtype=np.uint8)
+    full[tuple(slice(a, b) for a, b in zip(cg.crop_start, cg.crop_stop, strict=True))] = label
+    raw = sitk.Image([int(s) for s in cg.raw.size], sitk.sitkUInt8)
+    raw.SetSpacing(cg.raw.spacing)
+    raw.SetOrigin(cg.raw.origin)
+    raw.SetDirection(cg.raw.direction)
+    return sitk.Resample(from_xyz_array(full, cg.resampled), raw, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+
+
+def write_prediction_nifti(label: np.ndarray, attrs: dict, path) -> None:
+    """Write a stored-grid label map as NIfTI in the raw image's geometry, atomically."""
+    import SimpleITK as sitk
+
+    from semiseg.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(to_raw_geometry(label, attrs), str(tmp), useCompression=True)
