@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,9 @@ def job(log_path: str | Path | None, name: str) -> Iterator[logging.Logger]:
         yield logger
     except (CaseError, ConfigError, ValueError) as exc:
         logger.error("%s", exc)
+        if not isinstance(exc, (CaseError, ConfigError)):
+            # A ValueError may also be a bug: keep where it came from in the log.
+            logger.info("where it was raised:\n%s", "".join(traceback.format_tb(exc.__traceback__)))
         logging.shutdown()
         raise SystemExit(1) from None
     logging.shutdown()
