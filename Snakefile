@@ -15,6 +15,7 @@ include: "workflow/rules/splits.smk"
 include: "workflow/rules/stage1.smk"
 include: "workflow/rules/between.smk"
 include: "workflow/rules/stage2.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:

@@ -48,7 +48,7 @@ def micro_config(**demo_overrides) -> dict:
     demo["training"] = {"iterations": 2, "base_filters": 2, "samples": 2, "rank": 2, "bcl_max_samples": 64,
                         "projection_channels": 4, "checkpoint_every": 1, "num_workers": 0}
     demo.update(demo_overrides)
-    return {"device": "auto", "between_stages": cfg["between_stages"], "training": cfg["training"], "datasets": {"demo": demo}}
+    return {"device": "auto", "evaluation": cfg["evaluation"], "between_stages": cfg["between_stages"], "training": cfg["training"], "datasets": {"demo": demo}}
 
 
 def write_config(workdir: Path, cfg: dict) -> None:
@@ -63,7 +63,8 @@ def test_dry_run_of_demo_target(tmp_path):
     counts = job_counts(res.stdout + res.stderr)
     assert counts == {"generate_demo": 1, "preprocess_case": 40, "preprocessing_summary": 1, "make_split": 2, "all": 1,
                       "train_stage1": 3, "train_fully_supervised": 1, "pseudo_label": 30, "prototypes": 1,
-                      "pseudo_label_quality": 1, "train_stage2": 2}
+                      "pseudo_label_quality": 1, "train_stage2": 2, "predict_case": 48, "case_metrics": 6,
+                      "ablation_table": 1}
 
 
 def test_lint_clean():
@@ -136,6 +137,7 @@ MODELS = [f"results/models/demo_5pct/stage1_{m}/model.pt" for m in ("supervised"
 ] + [f"results/models/demo_5pct/stage2_{m}/model.pt" for m in ("aua_bcl_pl", "full")] + [
     "results/pseudo/demo_5pct/quality.csv"
 ]
+TABLE = "results/tables/demo_5pct.csv"
 DATA = ["results/preprocessed/demo/summary.tsv"] + [f"results/splits/demo/{s}/split.json" for s in ("5pct", "50pct")]
 
 
@@ -143,7 +145,7 @@ DATA = ["results/preprocessed/demo/summary.tsv"] + [f"results/splits/demo/{s}/sp
 def micro_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("micro")
     write_config(wd, micro_config())
-    res = smk(wd, "--cores", "2", "all", *MODELS)
+    res = smk(wd, "--cores", "2", "all", *MODELS, TABLE)
     assert res.returncode == 0, res.stderr[-3000:]
     return wd
 
@@ -238,3 +240,34 @@ def test_demo_ablation_dag_shares_the_artifacts(tmp_path):
     for n in pseudo_nodes:  # each pseudo label feeds both stage-2 runs and the prototypes
         assert {labels[b] for a, b in edges if a == n} == {"train_stage2", "prototypes"}
         assert sum(1 for a, b in edges if a == n and labels[b] == "train_stage2") == 2
+
+
+def test_micro_table(micro_run):
+    table = (micro_run / TABLE).read_text(encoding="utf-8").splitlines()
+    assert table[0] == "Method,Labeled,Unlabeled,Dice[%],Jaccard[%],ASD[voxel],95HD[voxel],Test cases,Empty predictions"
+    assert len(table) == 1 + 6 and table[1].startswith("Supervised baseline,1,0,")
+    assert table[-1].startswith("Fully supervised (upper bound),3,0,")
+    assert (micro_run / "results/tables/demo_5pct.md").exists()
+    preds = sorted((micro_run / "results/predictions/demo_5pct/full").iterdir())
+    assert sorted(p.name.split(".", 1)[1] for p in preds) == ["h5", "nii.gz"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda c: c["evaluation"].update(empty_policy="nan"), {"case_metrics": 6, "ablation_table": 1}),
+        (lambda c: c["evaluation"].update(weighting="gaussian"), {"predict_case": 6, "case_metrics": 6, "ablation_table": 1}),
+        (lambda c: c["evaluation"].update(batch_size=1), {}),
+    ],
+    ids=["empty_policy", "weighting", "runtime_batch"],
+)
+def test_evaluation_settings_rerun_only_evaluation(micro_run, change, expected):
+    cfg = micro_config()
+    change(cfg)
+    write_config(micro_run, cfg)
+    try:
+        res = smk(micro_run, "-n", TABLE)
+        assert res.returncode == 0, res.stderr
+        assert job_counts(res.stdout + res.stderr) == expected
+    finally:
+        write_config(micro_run, micro_config())

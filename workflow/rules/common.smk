@@ -50,6 +50,7 @@ wildcard_constraints:
     split="[A-Za-z0-9]+",
     method="|".join(STAGE1_METHODS_PATTERN),
     method2="|".join(STAGE2_METHODS_PATTERN),
+    model="supervised|aua|aua_bcl|aua_bcl_pl|full|fully_supervised",
 
 
 _CASES = {}
@@ -131,11 +132,16 @@ def model_targets(dataset, split):
 
 
 def default_targets():
-    """Every generated (demo) data set: its data stages, and every model of its first split."""
+    """Every generated (demo) data set: its data stages, and every model and the ablation
+    table of its first split."""
     targets = []
     for name in GENERATED:
         first = next(iter(DATASETS[name]["splits"]))
         targets += data_targets(name) + model_targets(name, first)
+        targets += [
+            f"{RESULTS}/tables/{name}_{first}.csv",
+            f"{RESULTS}/tables/{name}_{first}.md",
+        ]
     return targets
 
 
@@ -304,3 +310,60 @@ def feature_params(wildcards):
         "weights": config["between_stages"]["weights"],
         "patch_size": DATASETS[wildcards.dataset]["patch_size"],
     }
+
+
+# ---- evaluation -------------------------------------------------------------------
+
+ABLATION = (
+    "supervised",
+    "aua",
+    "aua_bcl",
+    "aua_bcl_pl",
+    "full",
+    "fully_supervised",
+)
+
+
+def model_file(dataset, split, model):
+    """The model file of one row of the ablation table."""
+    if model == "fully_supervised":
+        return f"{RESULTS}/models/{dataset}/fully_supervised/model.pt"
+    stage = "stage2" if model in STAGE2_METHODS_PATTERN else "stage1"
+    return f"{RESULTS}/models/{dataset}_{split}/{stage}_{model}/model.pt"
+
+
+def predict_inputs(wildcards):
+    return {
+        "model": model_file(wildcards.dataset, wildcards.split, wildcards.model),
+        "case": f"{RESULTS}/preprocessed/{wildcards.dataset}/{wildcards.case}.h5",
+    }
+
+
+def metrics_inputs(wildcards):
+    test = split_of(wildcards.dataset, wildcards.split).test
+    prefix = (
+        f"{RESULTS}/predictions/{wildcards.dataset}_{wildcards.split}/{wildcards.model}"
+    )
+    return {
+        "pred": [f"{prefix}/{c}.h5" for c in test],
+        "cases": case_files(wildcards.dataset, test),
+    }
+
+
+def table_inputs(wildcards):
+    return {
+        m: f"{RESULTS}/metrics/{wildcards.dataset}_{wildcards.split}/{m}.csv"
+        for m in ABLATION
+    }
+
+
+def scan_counts(wildcards):
+    """(labelled, unlabelled) scans each row uses."""
+    s = split_of(wildcards.dataset, wildcards.split)
+    first = next(iter(DATASETS[wildcards.dataset]["splits"]))
+    f = split_of(wildcards.dataset, first)
+    n_l, n_u = len(s.labelled), len(s.unlabelled)
+    counts = {m: [n_l, n_u] for m in ABLATION}
+    counts["supervised"] = [n_l, 0]
+    counts["fully_supervised"] = [len(f.labelled) + len(f.unlabelled), 0]
+    return counts

@@ -1,0 +1,135 @@
+"""Evaluation: predictions of test cases, per-case metrics, and the paper's ablation table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from semiseg.inference import sliding_window_predict, write_prediction_nifti
+from semiseg.io.atomic import atomic_path
+from semiseg.metrics import segmentation_metrics
+from semiseg.training.engine import load_model, resolve_device
+
+#: Table rows (paper, Table V, plus the fully supervised upper bound of Table II): key -> label.
+ABLATION_ROWS = {
+    "supervised": "Supervised baseline",
+    "aua": "AUA",
+    "aua_bcl": "AUA + BCL (First stage)",
+    "aua_bcl_pl": "AUA + BCL + Pseudo labeling",
+    "full": "AUA + BCL + Pseudo labeling + PCL (Full)",
+    "fully_supervised": "Fully supervised (upper bound)",
+}
+
+
+def predict_case(
+    model_path: str | Path,
+    case_path: str | Path,
+    out_h5: str | Path,
+    out_nifti: str | Path | None,
+    patch_size: Sequence[int],
+    stride: Sequence[int],
+    weights: str = "student",
+    weighting: str = "uniform",
+    device: str = "auto",
+    batch_size: int = 2,
+) -> dict:
+    """Predict one preprocessed case; write the label in the preprocessed grid (HDF5) and,
+    with ``out_nifti``, as NIfTI in the raw scan's geometry.
+
+    ``weights`` (``student`` / ``teacher``) applies to mean-teacher models; the other
+    models have student weights only, which are then used.
+    """
+    dev = resolve_device(device)
+    try:
+        model = load_model(model_path, weights, str(dev))
+    except ValueError:
+        if weights != "teacher":
+            raise
+        model = load_model(model_path, "student", str(dev))
+    with h5py.File(case_path, "r") as f:
+        image = f["image"][...]
+    probs = sliding_window_predict(model, image, patch_size, stride, batch_size=batch_size, weighting=weighting, device=dev)
+    label = probs.argmax(0).astype(np.uint8)
+    with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("label", data=label, chunks=tuple(min(32, n) for n in label.shape), compression="gzip", compression_opts=1)
+        f.attrs.update({"model_path": str(model_path), "case_path": str(case_path), "weights": weights, "weighting": weighting})
+    if out_nifti is not None:
+        from semiseg.io.h5 import read_attrs
+
+        case_attrs = read_attrs(case_path)
+        if "raw_size" in case_attrs:
+            write_prediction_nifti(label, case_attrs, out_nifti)
+        else:
+            raise ValueError(f"{case_path}: no raw-geometry attributes, cannot write the prediction in the raw geometry")
+    return {"case": Path(case_path).stem, "foreground_fraction": float((label > 0).mean())}
+
+
+def case_metrics(
+    pred_paths: Sequence[str | Path],
+    case_paths: Sequence[str | Path],
+    unit: str = "voxel",
+    empty_policy: str = "worst",
+    out_path: str | Path | None = None,
+) -> pd.DataFrame:
+    """One row per test case: Dice, Jaccard, ASD, 95HD (voxels or mm) and empty flags."""
+    if unit not in ("voxel", "mm"):
+        raise ValueError(f"unit must be 'voxel' or 'mm', got {unit!r}")
+    rows = []
+    for pp, cp in zip(pred_paths, case_paths, strict=True):
+        with h5py.File(pp, "r") as fp, h5py.File(cp, "r") as fc:
+            if "label" not in fc:
+                raise ValueError(f"{cp}: test case has no ground-truth label")
+            spacing = fc.attrs.get("spacing") if unit == "mm" else None
+            m = segmentation_metrics(fp["label"][...], fc["label"][...], spacing=spacing, empty_policy=empty_policy)
+        rows.append({"case": Path(cp).stem, **m})
+    table = pd.DataFrame(rows)
+    if out_path is not None:
+        with atomic_path(out_path, suffix=".csv") as tmp:
+            table.to_csv(tmp, index=False)
+    return table
+
+
+def ablation_table(
+    metric_files: dict[str, str | Path],
+    counts: dict[str, tuple[int, int]],
+    unit: str = "voxel",
+    out_csv: str | Path | None = None,
+    out_md: str | Path | None = None,
+) -> pd.DataFrame:
+    """The paper's Table V layout: one row per method (``ABLATION_ROWS`` order).
+
+    ``metric_files``: method -> per-case metrics CSV; ``counts``: method -> (labelled,
+    unlabelled) scans used. Columns: labelled / unlabelled counts, Dice[%], Jaccard[%],
+    ASD, 95HD as ``mean ± std``, test cases and empty predictions.
+    """
+    rows = []
+    for key, label in ABLATION_ROWS.items():
+        if key not in metric_files:
+            continue
+        df = pd.read_csv(metric_files[key])
+        lab, unl = counts[key]
+
+        def fmt(col, scale=1.0):
+            v = df[col].astype(float) * scale
+            return f"{v.mean():.2f} ± {v.std(ddof=0):.2f}"
+
+        rows.append({
+            "Method": label, "Labeled": lab, "Unlabeled": unl,
+            "Dice[%]": fmt("dice", 100), "Jaccard[%]": fmt("jaccard", 100),
+            f"ASD[{unit}]": fmt("asd"), f"95HD[{unit}]": fmt("hd95"),
+            "Test cases": len(df), "Empty predictions": int(df["empty_pred"].astype(bool).sum()),
+        })
+    table = pd.DataFrame(rows)
+    if out_csv is not None:
+        with atomic_path(out_csv, suffix=".csv") as tmp:
+            table.to_csv(tmp, index=False)
+    if out_md is not None:
+        header = "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
+        body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in table.itertuples(index=False))
+        with atomic_path(out_md, suffix=".md") as tmp:
+            tmp.write_text(header + body, encoding="utf-8")
+    return table

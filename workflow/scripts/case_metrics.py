@@ -1,0 +1,14 @@
+"""Rule case_metrics: Dice, Jaccard, ASD, 95HD of every test case of one model."""
+
+from semiseg.evaluation import case_metrics
+from semiseg.jobs import job
+
+with job(snakemake.log[0], "metrics") as log:  # noqa: F821
+    table = case_metrics(
+        snakemake.input.pred,  # noqa: F821
+        snakemake.input.cases,  # noqa: F821
+        unit=snakemake.params.unit,  # noqa: F821
+        empty_policy=snakemake.params.empty_policy,  # noqa: F821
+        out_path=snakemake.output[0],  # noqa: F821
+    )
+    log.info("mean Dice %.4f over %d cases", table["dice"].mean(), len(table))
