@@ -9,10 +9,10 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from semiseg.inference import sliding_window_predict, write_prediction_nifti
+from semiseg.inference import write_prediction_nifti
 from semiseg.io.atomic import atomic_path
 from semiseg.metrics import segmentation_metrics
-from semiseg.training.engine import load_model, resolve_device
+from semiseg.pseudo import predict_probabilities
 
 #: Table rows (paper, Table V, plus the fully supervised upper bound of Table II): key -> label.
 ABLATION_ROWS = {
@@ -43,16 +43,12 @@ def predict_case(
     ``weights`` (``student`` / ``teacher``) applies to mean-teacher models; the other
     models have student weights only, which are then used.
     """
-    dev = resolve_device(device)
     try:
-        model = load_model(model_path, weights, str(dev))
-    except ValueError:
+        probs = predict_probabilities(model_path, case_path, patch_size, stride, weights, weighting, device, batch_size)
+    except ValueError:  # no teacher in this model: its student
         if weights != "teacher":
             raise
-        model = load_model(model_path, "student", str(dev))
-    with h5py.File(case_path, "r") as f:
-        image = f["image"][...]
-    probs = sliding_window_predict(model, image, patch_size, stride, batch_size=batch_size, weighting=weighting, device=dev)
+        probs = predict_probabilities(model_path, case_path, patch_size, stride, "student", weighting, device, batch_size)
     label = probs.argmax(0).astype(np.uint8)
     with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("label", data=label, chunks=tuple(min(32, n) for n in label.shape), compression="gzip", compression_opts=1)

@@ -35,6 +35,24 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def predict_probabilities(
+    model_path: str | Path,
+    case_path: str | Path,
+    patch_size: Sequence[int],
+    stride: Sequence[int],
+    weights: str = "student",
+    weighting: str = "uniform",
+    device: str = "auto",
+    batch_size: int = 2,
+) -> np.ndarray:
+    """Class probabilities (C, X, Y, Z) of one preprocessed case under a trained model file."""
+    dev = resolve_device(device)
+    model = load_model(model_path, weights, str(dev))
+    with h5py.File(case_path, "r") as f:
+        image = f["image"][...]
+    return sliding_window_predict(model, image, patch_size, stride, batch_size=batch_size, weighting=weighting, device=dev)
+
+
 def write_pseudo_label(
     case_path: str | Path,
     model_path: str | Path,
@@ -46,11 +64,7 @@ def write_pseudo_label(
     batch_size: int = 2,
 ) -> dict:
     """Predict one preprocessed case with a stage-1 model and write its pseudo-label file atomically."""
-    dev = resolve_device(device)
-    model = load_model(model_path, weights, str(dev))
-    with h5py.File(case_path, "r") as f:
-        image = f["image"][...]
-    probs = sliding_window_predict(model, image, patch_size, stride, batch_size=batch_size, device=dev)
+    probs = predict_probabilities(model_path, case_path, patch_size, stride, weights, "uniform", device, batch_size)
     label = probs.argmax(0).astype(np.uint8)
     fg = (1.0 - probs[0]).astype(np.float32)
     digest = file_sha256(model_path)
