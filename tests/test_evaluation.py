@@ -38,6 +38,8 @@ def test_predict_case_writes_both_geometries(case_and_model, tmp_path):
     assert nii.GetSize() == raw.GetSize() and np.allclose(nii.GetOrigin(), raw.GetOrigin())
     # Teacher weights requested of a model without a teacher: its student is used.
     predict_case(model, case, tmp_path / "q.h5", None, (16, 16, 16), (8, 8, 8), weights="teacher", device="cpu")
+    with h5py.File(tmp_path / "p.h5", "r") as a, h5py.File(tmp_path / "q.h5", "r") as b:
+        assert np.array_equal(a["label"][...], b["label"][...])
 
 
 def test_case_metrics_and_table(case_and_model, tmp_path):

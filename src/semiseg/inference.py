@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from semiseg.training.engine import resolve_device
@@ -119,7 +120,7 @@ def sliding_window_predict(
     return probs[(slice(None), *sl)].cpu().numpy()
 
 
-def to_raw_geometry(label: np.ndarray, attrs: dict) -> "sitk.Image":
+def to_raw_geometry(label: np.ndarray, attrs: dict) -> sitk.Image:
     """Put a label map of the stored (preprocessed) grid back on the raw image's grid.
 
     ``label`` (X, Y, Z) in the HDF5 case's grid; ``attrs`` that case file's attributes. The
@@ -127,8 +128,6 @@ def to_raw_geometry(label: np.ndarray, attrs: dict) -> "sitk.Image":
     neighbour, so the result overlays on the original scan (ITK-SNAP, 3D Slicer): its size,
     spacing, origin and direction are the raw image's.
     """
-    import SimpleITK as sitk
-
     from semiseg.io.h5 import CaseGeometry
     from semiseg.io.readers import from_xyz_array
 
@@ -146,8 +145,6 @@ def to_raw_geometry(label: np.ndarray, attrs: dict) -> "sitk.Image":
 
 def write_prediction_nifti(label: np.ndarray, attrs: dict, path) -> None:
     """Write a stored-grid label map as NIfTI in the raw image's geometry, atomically."""
-    import SimpleITK as sitk
-
     from semiseg.io.atomic import atomic_path
 
     with atomic_path(path) as tmp:
