@@ -7,7 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from semiseg.evaluation import ABLATION_ROWS, ablation_table, case_metrics, predict_case, sweep_table
+from semiseg.evaluation import (
+    ABLATION_ROWS,
+    ablation_table,
+    case_metrics,
+    predict_case,
+    sweep_table,
+)
 from semiseg.metrics import segmentation_metrics
 from semiseg.preprocessing import PreprocessingParams, preprocess_case
 from semiseg.training.engine import TrainConfig, train
@@ -78,14 +84,14 @@ def _metrics_csv(path, dice):
 
 def test_sweep_table_rows_in_order_with_protocol_note(tmp_path):
     files = [_metrics_csv(tmp_path / f"m{i}.csv", d) for i, d in enumerate(([0.5, 0.7], [0.8, 0.0]))]
-    evaluation = {"weights": "student", "unit": "mm"}
+    evaluation = {"protocol": "clean", "unit": "mm"}
     out = sweep_table("unlabelled", [12, 48], files, [(12, 12), (12, 48)], "mm", tmp_path / "s.csv", tmp_path / "s.md", evaluation)
     assert list(out.columns) == ["#Unlabeled", "Labeled", "Unlabeled", "Dice[%]", "Jaccard[%]", "ASD[mm]", "95HD[mm]",
-                                 "Test cases", "Empty predictions"]
+                                 "Test cases", "Empty predictions", "Protocol"]
     assert list(out["#Unlabeled"]) == [12, 48] and list(out["Unlabeled"]) == [12, 48]
     assert out["Dice[%]"][0] == "60.00 ± 10.00" and out["Empty predictions"].tolist() == [0, 1]
     md = (tmp_path / "s.md").read_text(encoding="utf-8")
-    assert md.rstrip().endswith("Evaluation: weights = student, unit = mm")
+    assert md.startswith("Evaluation protocol: **clean** (no test label used before inference). Settings: unit = mm.\n\n| #Unlabeled |")
     with pytest.raises(ValueError, match="unknown sweep"):
         sweep_table("lr", [1], files[:1], [(1, 1)])
     with pytest.raises(ValueError, match="2 values, 1 metric files"):

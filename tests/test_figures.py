@@ -7,7 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from semiseg.figures import loss_terms, overlay, pick_slice, pseudo_quality_plot, qualitative_panel, sweep_plot, training_curves
+from semiseg.figures import (
+    loss_terms,
+    overlay,
+    pick_slice,
+    pseudo_quality_plot,
+    qualitative_panel,
+    sweep_plot,
+    training_curves,
+)
 
 
 def test_overlay_colours_tp_fn_fp():

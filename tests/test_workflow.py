@@ -250,7 +250,8 @@ def test_demo_ablation_dag_shares_the_artifacts(tmp_path):
 
 def test_micro_table(micro_run):
     table = (micro_run / TABLE).read_text(encoding="utf-8").splitlines()
-    assert table[0] == "Method,Labeled,Unlabeled,Dice[%],Jaccard[%],ASD[voxel],95HD[voxel],Test cases,Empty predictions"
+    assert table[0] == "Method,Labeled,Unlabeled,Dice[%],Jaccard[%],ASD[voxel],95HD[voxel],Test cases,Empty predictions,Protocol"
+    assert all(row.endswith(",paper") for row in table[1:])
     assert len(table) == 1 + 6 and table[1].startswith("Supervised baseline,1,0,")
     assert table[-1].startswith("Fully supervised (upper bound),3,0,")
     assert (micro_run / "results/tables/demo_5pct.md").exists()
@@ -307,7 +308,9 @@ def test_micro_sweep_tables(micro_run):
     assert not (micro_run / "results/models/demo_5pct-lc0.05/stage1_aua").exists()
     assert len((micro_run / "results/splits/demo/5pct-u1/unlabelled.txt").read_text(encoding="utf-8").split()) == 1
     md = (micro_run / "results/tables/demo_5pct_lambda_c.md").read_text(encoding="utf-8")
-    assert "Evaluation: weights = student, weighting = uniform, unit = voxel, empty_policy = worst" in md
+    assert md.startswith("Evaluation protocol: **paper** (the field's protocol behind the paper's tables: test cases "
+                         "cropped around their ground-truth box before inference). Settings: test_crop = the data set's "
+                         "crop_source, unit = voxel, empty_policy = zero, weights = student, weighting = uniform.")
 
 
 def test_unknown_sweep_variant_and_too_many_unlabelled_fail_clearly(micro_run):
@@ -341,13 +344,16 @@ NEW_SWEEP_RUN = {"make_split": 1, "train_stage1": 1, "pseudo_label": 2, "prototy
         (lambda c: c["figures"]["pseudo_quality"].update(size=[4, 2]), [TABLE, *FIGURES, *SWEEPS],
          {"figure_pseudo_quality": 1}),
         (lambda c: c["figures"]["sweeps"].update(dpi=90), [TABLE, *FIGURES, *SWEEPS], {"figure_sweep": 2}),
-        (lambda c: c["evaluation"].update(empty_policy="zero"), [TABLE, *FIGURES, *SWEEPS],
+        (lambda c: c["evaluation"].update(empty_policy="worst"), [TABLE, *FIGURES, *SWEEPS],
          {"case_metrics": 6 + 2, "ablation_table": 1, "sweep_table": 2, "figure_sweep": 2}),
+        (lambda c: c["evaluation"].update(empty_policy="zero"), [TABLE, *FIGURES, *SWEEPS], {}),  # = the protocol's
+        (lambda c: c["evaluation"].update(protocol="clean"), [TABLE, *FIGURES],
+         {"preprocess_case": 1, "predict_case": 6, "case_metrics": 6, "ablation_table": 1, "figure_qualitative": 1}),
         (lambda c: c["datasets"]["demo"]["splits"]["5pct"]["sweep"].update(lambda_c=[0.01, 0.05, 0.2]),
          [TABLE, *FIGURES, *SWEEPS], {**NEW_SWEEP_RUN, "sweep_table": 1, "figure_sweep": 1}),
     ],
     ids=["lambda_c", "qualitative_dpi", "qualitative_slice", "curves_smoothing", "pseudo_size", "sweep_dpi",
-         "empty_policy", "sweep_values"],
+         "empty_policy", "empty_policy_as_protocol", "protocol_clean", "sweep_values"],
 )
 def test_change_one_value_rebuilds_tables_and_figures(micro_run, change, targets, expected):
     cfg = micro_config()

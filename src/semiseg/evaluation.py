@@ -104,15 +104,27 @@ def summary_row(metrics: pd.DataFrame, unit: str = "voxel") -> dict[str, object]
     }
 
 
+#: What each evaluation protocol means, for the line above a table.
+PROTOCOL_TEXT = {
+    "paper": "the field's protocol behind the paper's tables: test cases cropped around their ground-truth box before inference",
+    "clean": "no test label used before inference",
+}
+
+
 def protocol_note(evaluation: dict | None) -> str:
-    """One line naming the evaluation settings a table was made with."""
+    """The line naming the evaluation protocol and settings a table was made with."""
     if not evaluation:
         return ""
-    return "Evaluation: " + ", ".join(f"{k} = {v}" for k, v in evaluation.items())
+    ev = dict(evaluation)
+    head = ""
+    if "protocol" in ev:
+        name = ev.pop("protocol")
+        head = f"Evaluation protocol: **{name}** ({PROTOCOL_TEXT.get(name, name)}). "
+    return head + "Settings: " + ", ".join(f"{k} = {v}" for k, v in ev.items()) + "."
 
 
 def write_table(table: pd.DataFrame, out_csv: str | Path | None, out_md: str | Path | None, note: str = "") -> None:
-    """Write a table as CSV and as Markdown (with ``note`` as a line under it), atomically."""
+    """Write a table as CSV and as Markdown (``note`` as a paragraph above it), atomically."""
     if out_csv is not None:
         with atomic_path(out_csv, suffix=".csv") as tmp:
             table.to_csv(tmp, index=False)
@@ -120,7 +132,13 @@ def write_table(table: pd.DataFrame, out_csv: str | Path | None, out_md: str | P
         header = "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
         body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in table.itertuples(index=False))
         with atomic_path(out_md, suffix=".md") as tmp:
-            tmp.write_text(header + body + (f"\n{note}\n" if note else ""), encoding="utf-8")
+            tmp.write_text((f"{note}\n\n" if note else "") + header + body, encoding="utf-8")
+
+
+def _with_protocol(table: pd.DataFrame, evaluation: dict | None) -> pd.DataFrame:
+    if evaluation and "protocol" in evaluation and not table.empty:
+        table["Protocol"] = evaluation["protocol"]
+    return table
 
 
 def ablation_table(
@@ -136,7 +154,8 @@ def ablation_table(
     ``metric_files``: method -> per-case metrics CSV; ``counts``: method -> (labelled,
     unlabelled) scans used. Columns: labelled / unlabelled counts, Dice[%], Jaccard[%],
     ASD, 95HD as ``mean ± std``, test cases and empty predictions. ``evaluation``: the
-    settings the metrics were computed with, written under the Markdown table.
+    settings the metrics were computed with: its ``protocol`` becomes a last column, and
+    all of them a line above the Markdown table.
     """
     rows = []
     for key, label in ABLATION_ROWS.items():
@@ -144,7 +163,7 @@ def ablation_table(
             continue
         lab, unl = counts[key]
         rows.append({"Method": label, "Labeled": lab, "Unlabeled": unl, **summary_row(pd.read_csv(metric_files[key]), unit)})
-    table = pd.DataFrame(rows)
+    table = _with_protocol(pd.DataFrame(rows), evaluation)
     write_table(table, out_csv, out_md, protocol_note(evaluation))
     return table
 
@@ -174,6 +193,6 @@ def sweep_table(
         {SWEEP_COLUMNS[sweep]: v, "Labeled": lab, "Unlabeled": unl, **summary_row(pd.read_csv(f), unit)}
         for v, f, (lab, unl) in zip(values, metric_files, counts)
     ]
-    table = pd.DataFrame(rows)
+    table = _with_protocol(pd.DataFrame(rows), evaluation)
     write_table(table, out_csv, out_md, protocol_note(evaluation))
     return table

@@ -82,11 +82,48 @@ def raw_inputs(wildcards):
     return inputs
 
 
+# Evaluation protocols (the method notes, "Evaluation conventions of the field").
+PROTOCOLS = {
+    "paper": {"unit": "voxel", "empty_policy": "zero"},
+    "clean": {"unit": "mm", "empty_policy": "worst"},
+}
+
+
+def evaluation_settings():
+    """The effective evaluation settings (protocol, its unit and empty policy unless set
+    explicitly, weights, window weighting); written under every table."""
+    ev = config["evaluation"]
+    preset = PROTOCOLS[ev["protocol"]]
+    settings = {
+        "protocol": ev["protocol"],
+        "test_crop": (
+            ev["test_crop_source"]
+            if ev["protocol"] == "clean"
+            else "the data set's crop_source"
+        ),
+        "unit": ev["unit"] or preset["unit"],
+        "empty_policy": ev["empty_policy"] or preset["empty_policy"],
+        "weights": ev["weights"],
+        "weighting": ev["weighting"],
+    }
+    return settings
+
+
+def test_cases(dataset):
+    """The test cases of a data set (the same for all its splits)."""
+    return split_of(dataset, next(iter(DATASETS[dataset]["splits"]))).test
+
+
 def preprocessing_params(wildcards):
-    """Exactly what preprocess_case uses: the preprocessing block, classes, label map."""
+    """Exactly what preprocess_case uses: the preprocessing block, classes, label map.
+    Under the clean protocol a test case is cropped without its label."""
     ds = DATASETS[wildcards.dataset]
+    preprocessing = ds["preprocessing"]
+    ev = config["evaluation"]
+    if ev["protocol"] == "clean" and wildcards.case in test_cases(wildcards.dataset):
+        preprocessing = {**preprocessing, "crop_source": ev["test_crop_source"]}
     return {
-        "preprocessing": ds["preprocessing"],
+        "preprocessing": preprocessing,
         "classes": ds["classes"],
         "label_map": ds["label_map"],
     }
@@ -401,12 +438,6 @@ def scan_counts(wildcards):
     counts["supervised"] = [n_l, 0]
     counts["fully_supervised"] = [len(f.labelled) + len(f.unlabelled), 0]
     return counts
-
-
-def evaluation_settings():
-    """The evaluation settings a table is made with (written under it)."""
-    ev = config["evaluation"]
-    return {k: ev[k] for k in ("weights", "weighting", "unit", "empty_policy")}
 
 
 # ---- sweeps (paper, Tables VII and VIII) -----------------------------------------

@@ -35,8 +35,8 @@ rule case_metrics:
     conda:
         "../../envs/semiseg.yaml"
     params:
-        unit=config["evaluation"]["unit"],
-        empty_policy=config["evaluation"]["empty_policy"],
+        unit=evaluation_settings()["unit"],
+        empty_policy=evaluation_settings()["empty_policy"],
     script:
         "../scripts/case_metrics.py"
 
