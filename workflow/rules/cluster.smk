@@ -1,0 +1,10 @@
+# Cluster execution (e.g. --profile workflow/profiles/slurm): rules that run on the
+# submitting machine instead of as cluster jobs. They only read and summarise other jobs'
+# small outputs, so a queue wait would cost more than the work. (Figure rules join here.)
+
+
+localrules:
+    preprocessing_summary,
+    make_split,
+    pseudo_label_quality,
+    ablation_table,
