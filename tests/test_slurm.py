@@ -106,6 +106,18 @@ def test_slurm_profile_resources_dry_run(tmp_path):
     assert resources["ablation_table"]["mem_mb"] == "4000" and resources["ablation_table"]["runtime"] == "60"
 
 
+def test_workstation_profile_sets_cores_and_caps_gpu(tmp_path):
+    """workflow/profiles/default, given by name: all cores, gpu=1 (no cluster needed)."""
+    write_config(tmp_path, micro_config())
+    res = smk(tmp_path, "--snakefile", str(TEST_SNAKEFILE), "--workflow-profile", str(REPO / "workflow/profiles/default"),
+              "--retries", "1", RETRIED)  # a one-line shell rule; cores are required to run it
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert "Using workflow specific profile" in out
+    assert re.search(r"^Provided cores: \d+$", out, flags=re.M), out
+    assert re.search(r"^Provided resources: gpu=.*\b1\b", out, flags=re.M), out
+
+
 @pytest.fixture(scope="module")
 def slurm_cluster():
     """The local cluster, started for this module and stopped afterwards (left running if
