@@ -3,7 +3,8 @@
 tools/local_slurm.sh installs slurm-wlm and munge, configures this machine as a one-node
 cluster (with a dummy GPU) and starts it; the micro demo's ablation table is then built
 through the profile, every non-local job as its own sbatch job. Needs root and apt-get /
-dpkg (the cluster tests are skipped otherwise); the profile's dry run runs everywhere.
+dpkg (the cluster tests are skipped otherwise). The SLURM profile's dry run and the
+workstation profile's test run everywhere.
 """
 
 from __future__ import annotations
@@ -124,12 +125,14 @@ def slurm_cluster():
     it was already running before)."""
     was_running = run(SCRIPT, "status").returncode == 0
     # Two dummy GPUs: the micro run's 15 GPU jobs then run two at a time on the 2 CPUs.
-    res = run(SCRIPT, "start", timeout=900, env={**os.environ, "LOCAL_SLURM_GPUS": "2"})
-    assert res.returncode == 0, f"tools/local_slurm.sh start failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
-    yield
-    if not was_running:
-        res = run(SCRIPT, "stop", timeout=120)
-        assert res.returncode == 0, res.stderr
+    try:
+        res = run(SCRIPT, "start", timeout=900, env={**os.environ, "LOCAL_SLURM_GPUS": "2"})
+        assert res.returncode == 0, f"tools/local_slurm.sh start failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        yield
+    finally:
+        if not was_running:
+            res = run(SCRIPT, "stop", timeout=120)
+            assert res.returncode == 0, res.stderr
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +148,8 @@ def slurm_run(slurm_cluster, tmp_path_factory):
         # The test node has 2 CPUs; the training rules ask for 4 threads (sbatch
         # --cpus-per-task=4 could never be scheduled here).
         "--max-threads", "1",
-        # Poll every 2 s instead of the plugin's 40 s: minutes less on this short run.
+        # First status check 2 s after submission (plugin default: 40 s), and again 2 s
+        # after each check that saw a job finish: minutes less on this run of short jobs.
         "--slurm-init-seconds-before-status-checks", "2",
         "--slurm-keep-successful-logs",
         "--verbose",  # logs each sbatch command line
