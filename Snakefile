@@ -17,6 +17,7 @@ include: "workflow/rules/between.smk"
 include: "workflow/rules/stage2.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/cluster.smk"
 
 
 rule all:

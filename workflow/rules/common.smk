@@ -9,8 +9,10 @@ min_version("9.0")
 
 # The workflow always runs the package of its own checkout: put src/ first on the
 # import path, here (for helpers at parse time) and in PYTHONPATH (for jobs and
-# --sdm conda environments).
-SRC = os.path.join(workflow.basedir, "src")
+# --sdm conda environments). The checkout is found from this file, not from the main
+# Snakefile, so another Snakefile may include this workflow (tests/slurm/Snakefile).
+CHECKOUT = os.path.abspath(os.path.join(workflow.current_basedir, "..", ".."))
+SRC = os.path.join(CHECKOUT, "src")
 sys.path.insert(0, SRC)
 # (Set here, not required from the user, hence no envvars: directive.)
 os.environ.update(
@@ -25,7 +27,7 @@ from semiseg.errors import ConfigError
 
 try:
     validate_config(
-        config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")
+        config, os.path.join(CHECKOUT, "workflow/schemas/config.schema.yaml")
     )
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
