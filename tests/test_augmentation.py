@@ -1,5 +1,5 @@
 """Training-crop augmentation (MSD Colon: random rotation and flip): pure transforms, the same
-transform on image / label / pseudo label, determinism."""
+transform on image / label / pseudo label, determinism, and the per-data-set defaults."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from semiseg.config import validate_config
 from semiseg.io.h5 import write_case
 from semiseg.training.data import (
     Augmentation,
@@ -23,6 +25,7 @@ from semiseg.training.data import (
 )
 from semiseg.training.engine import TrainConfig
 
+REPO = Path(__file__).resolve().parents[1]
 BOTH = Augmentation(rotate=True, flip=True)
 
 
@@ -126,3 +129,10 @@ def test_train_config_takes_the_config_mapping():
     with pytest.raises(ValueError, match="unknown augmentation settings"):
         Augmentation.from_value({"rotate": True, "scale": True})
 
+
+def test_per_dataset_defaults_follow_the_paper():
+    cfg = validate_config(yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8")))
+    merged = {name: {**cfg["training"], **ds.get("training", {})} for name, ds in cfg["datasets"].items()}
+    assert merged["colon"]["augmentation"] == {"rotate": True, "flip": True}
+    for name in ("pancreas", "la", "la_h5", "demo"):
+        assert merged[name]["augmentation"] == {"rotate": False, "flip": False}, name
