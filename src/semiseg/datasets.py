@@ -69,7 +69,11 @@ def missing_data_message(name: str, ds: Mapping[str, Any], base: str | Path = ".
 
 
 def _match_cases(root: Path, template: str, what: str) -> set[str]:
-    """Case IDs of every path under ``root`` matching ``template`` (hidden files skipped)."""
+    """Case IDs of every path under ``root`` matching ``template``.
+
+    Hidden files are skipped. A template whose last part has no suffix (``Pancreas-CT/{case}``)
+    names DICOM series folders: only folders match (not e.g. a ``LICENSE`` file beside them).
+    """
     if "{case}" not in template:
         raise ValueError(f"{what} must contain '{{case}}', got {template!r}")
     pattern = template.replace("{case_digits}", "*").replace("{case}", "*")
@@ -78,8 +82,11 @@ def _match_cases(root: Path, template: str, what: str) -> set[str]:
         "^" + re.escape(pre).replace(re.escape("{case_digits}"), r"\d+") + r"(?P<case>[^/]+?)"
         + re.escape(post).replace(re.escape("{case_digits}"), r"\d+") + "$"
     )
+    folders_only = "." not in template.rsplit("/", 1)[-1]
     cases = set()
     for path in root.glob(pattern):
+        if folders_only and not path.is_dir():
+            continue
         rel = path.relative_to(root).as_posix()
         # macOS metadata files (``._colon_001.nii.gz``, as in the MSD archives) and other hidden files
         if any(part.startswith(".") for part in rel.split("/")):
