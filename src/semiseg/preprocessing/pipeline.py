@@ -298,8 +298,10 @@ def _orient_label(
     logged; a warning when the label was re-oriented).
     """
     raw_geom, label_geom = Geometry.of(image), Geometry.of(label)
-    label_arr = to_xyz_array(label)
-    check = choose_label_orientation(case, label_path, to_xyz_array(image), label_arr, ratio)
+    # (x, y, z) views, no copies: only boxes around the label are read for the decision.
+    label_arr = sitk.GetArrayViewFromImage(label).transpose(2, 1, 0)
+    image_arr = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
+    check = choose_label_orientation(case, label_path, image_arr, label_arr, ratio)
     oriented = from_xyz_array(check.chosen.apply(label_arr), raw_geom)
     record = check.record()
     # The label file's own geometry is not used; say whether it even described the image's grid.
