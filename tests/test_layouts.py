@@ -83,7 +83,7 @@ def write_msd(root: Path) -> dict:
 
 def write_la_nrrd(root: Path) -> dict:
     """LA 2018 layout: <ID>/lgemri.nrrd and <ID>/laendo.nrrd with the atrium as 255."""
-    for i, case in enumerate(("0RZDK210BSMWAA6467LU", "1D7CUD1955YZPGK8XHJX")):
+    for i, case in enumerate(("0RZDK210BSMWAA6467LU",)):
         image, label, geom = phantom(seed=i, spacing=(0.625, 0.625, 0.625))
         write_volume(root / case / "lgemri.nrrd", (image + 1000).astype(np.uint16), geom)  # MR-like: no HU
         write_volume(root / case / "laendo.nrrd", (label * 255).astype(np.uint8), geom)
@@ -122,14 +122,17 @@ def layout_run(tmp_path_factory):
     }
     targets = [f"results/preprocessed/pancreas/PANCREAS_000{n}.h5" for n in (1, 2, 3)]
     targets += [f"results/preprocessed/{d}/summary.tsv" for d in ("colon", "la", "lah5")]
-    targets += [f"results/splits/{d}/one/split.json" for d in ("colon", "la", "lah5")]
-    if LA_H5.is_dir():
+    targets += [f"results/splits/{d}/one/split.json" for d in ("colon", "lah5")]
+    if LA_H5.is_dir():  # the 4 test cases and the first 2 training cases of the shared lists (test time)
+        test, train = (LA_H5 / "test.list").read_text(encoding="utf-8").split(), (LA_H5 / "train.list").read_text(encoding="utf-8").split()
+        (wd / "la_test.list").write_text("\n".join(test) + "\n", encoding="utf-8")
+        (wd / "la_train.list").write_text("\n".join(train[:2]) + "\n", encoding="utf-8")
         real = block({"dir": str(LA_H5), "image": "{case}/mri_norm2.h5", "format": "community_h5", "spacing": [0.625] * 3},
                      modality="MR", preprocessing={}, patch_size=[112, 112, 80], stride=[18, 18, 4],
-                     split={"test_list": str(LA_H5 / "test.list"), "train_list": str(LA_H5 / "train.list")},
-                     splits={"4lab": {"labelled_number": 4, "lambda_c": 0.09}})
+                     cases=test + train[:2], split={"test_list": "la_test.list", "train_list": "la_train.list"},
+                     splits={"1lab": {"labelled_number": 1, "lambda_c": 0.09}})
         datasets["lareal"] = real
-        targets += ["results/preprocessed/lareal/summary.tsv", "results/splits/lareal/4lab/split.json"]
+        targets += ["results/preprocessed/lareal/summary.tsv", "results/splits/lareal/1lab/split.json"]
     cfg["datasets"] = datasets
     write_config(wd, cfg)
     res = smk(wd, "--cores", "2", "--keep-going", *targets)
@@ -225,17 +228,16 @@ def test_real_la_community_cases(layout_run):
         pytest.skip(f"real LA cases not found at {LA_H5} (set SEMISEG_LA_H5 to their folder)")
     wd, _ = layout_run
     out = wd / "results" / "preprocessed" / "lareal"
-    sources = sorted(LA_H5.glob("*/mri_norm2.h5"))
-    assert len(list(out.glob("*.h5"))) == len(sources) >= 20
-    for src in sources[:3]:
-        img, lab, attrs = read_case(out / f"{src.parent.name}.h5")
-        with h5py.File(src, "r") as f:
+    test = (LA_H5 / "test.list").read_text(encoding="utf-8").split()
+    train = (LA_H5 / "train.list").read_text(encoding="utf-8").split()[:2]
+    assert sorted(p.stem for p in out.glob("*.h5")) == sorted(test + train)
+    for case in test + train:
+        img, lab, attrs = read_case(out / f"{case}.h5")
+        with h5py.File(LA_H5 / case / "mri_norm2.h5", "r") as f:
             assert np.array_equal(img, f["image"][...]) and np.array_equal(lab, f["label"][...])
-        assert img.shape[2] == 88 and attrs["spacing"] == [0.625] * 3
-    split = json.loads((wd / "results" / "splits" / "lareal" / "4lab" / "split.json").read_text(encoding="utf-8"))
-    train = (LA_H5 / "train.list").read_text(encoding="utf-8").split()
-    assert split["test"] == (LA_H5 / "test.list").read_text(encoding="utf-8").split()
-    assert split["labelled"] == train[:4] and split["unlabelled"] == train[4:]
+        assert img.shape[2] == 88 and attrs["spacing"] == [0.625] * 3 and 0.02 < lab.mean() < 0.25
+    split = json.loads((wd / "results" / "splits" / "lareal" / "1lab" / "split.json").read_text(encoding="utf-8"))
+    assert split["test"] == test and split["labelled"] == train[:1] and split["unlabelled"] == train[1:]
 
 
 def test_community_h5_bad_input(tmp_path):
