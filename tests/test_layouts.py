@@ -142,7 +142,7 @@ def layout_run(tmp_path_factory):
 def test_pancreas_dicom_through_the_rules(layout_run):
     wd, res = layout_run
     out = wd / "results" / "preprocessed" / "pancreas"
-    _, lab1, a1 = read_case(out / "PANCREAS_0001.h5")
+    _, _, a1 = read_case(out / "PANCREAS_0001.h5")
     _, lab2, a2 = read_case(out / "PANCREAS_0002.h5")
     assert a1["label_orientation"] == "as stored" and a1["label_orientation_fixed"] is False
     assert a2["label_orientation"] == "label axes (y, x, z) as image (x, y, z), reversed along image z"
@@ -188,8 +188,8 @@ def test_msd_with_imagests_as_extra_unlabelled(layout_run):
 def test_la_nrrd_with_label_255(layout_run):
     wd, _ = layout_run
     out = wd / "results" / "preprocessed" / "la"
-    image, label, geom = phantom(seed=0, spacing=(0.625, 0.625, 0.625))
-    img, lab, attrs = read_case(out / "0RZDK210BSMWAA6467LU.h5")
+    _, label, geom = phantom(seed=0, spacing=(0.625, 0.625, 0.625))
+    _, lab, attrs = read_case(out / "0RZDK210BSMWAA6467LU.h5")
     assert set(np.unique(lab)) == {0, 1}
     sl = tuple(slice(a, b) for a, b in zip(attrs["crop_start"], attrs["crop_stop"]))
     assert np.array_equal(lab, label[sl])  # the 255 mask, mapped to 1, on the same voxels
