@@ -16,6 +16,7 @@ include: "workflow/rules/stage1.smk"
 include: "workflow/rules/between.smk"
 include: "workflow/rules/stage2.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/figures.smk"
 
 
 rule all:

@@ -7,7 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from semiseg.evaluation import ABLATION_ROWS, ablation_table, case_metrics, predict_case
+from semiseg.evaluation import (
+    ABLATION_ROWS,
+    ablation_table,
+    case_metrics,
+    predict_case,
+    sweep_table,
+)
 from semiseg.metrics import segmentation_metrics
 from semiseg.preprocessing import PreprocessingParams, preprocess_case
 from semiseg.training.engine import TrainConfig, train
@@ -68,3 +74,25 @@ def test_case_metrics_and_table(case_and_model, tmp_path):
     assert pd.read_csv(tmp_path / "t.csv").shape == (6, 9)
     md = (tmp_path / "t.md").read_text(encoding="utf-8").splitlines()
     assert md[0].startswith("| Method | Labeled |") and len(md) == 2 + 6
+
+
+def _metrics_csv(path, dice):
+    pd.DataFrame({"case": [f"c{i}" for i in range(len(dice))], "empty_pred": [d == 0 for d in dice], "empty_ref": False,
+                  "dice": dice, "jaccard": [d / (2 - d) for d in dice], "asd": 1.0, "hd95": 3.0}).to_csv(path, index=False)
+    return path
+
+
+def test_sweep_table_rows_in_order_with_protocol_note(tmp_path):
+    files = [_metrics_csv(tmp_path / f"m{i}.csv", d) for i, d in enumerate(([0.5, 0.7], [0.8, 0.0]))]
+    evaluation = {"protocol": "clean", "unit": "mm"}
+    out = sweep_table("unlabelled", [12, 48], files, [(12, 12), (12, 48)], "mm", tmp_path / "s.csv", tmp_path / "s.md", evaluation)
+    assert list(out.columns) == ["#Unlabeled", "Labeled", "Unlabeled", "Dice[%]", "Jaccard[%]", "ASD[mm]", "95HD[mm]",
+                                 "Test cases", "Empty predictions", "Protocol"]
+    assert list(out["#Unlabeled"]) == [12, 48] and list(out["Unlabeled"]) == [12, 48]
+    assert out["Dice[%]"][0] == "60.00 ± 10.00" and out["Empty predictions"].tolist() == [0, 1]
+    md = (tmp_path / "s.md").read_text(encoding="utf-8")
+    assert md.startswith("Evaluation protocol: **clean** (no test label used before inference). Settings: unit = mm.\n\n| #Unlabeled |")
+    with pytest.raises(ValueError, match="unknown sweep"):
+        sweep_table("lr", [1], files[:1], [(1, 1)])
+    with pytest.raises(ValueError, match="2 values, 1 metric files"):
+        sweep_table("lambda_c", [0.1, 0.2], files[:1], [(1, 1)])

@@ -42,13 +42,15 @@ def micro_config(**demo_overrides) -> dict:
     demo = cfg["datasets"]["demo"]
     demo["generate"]["num_cases"] = 4
     demo["split"] = {"seed": 0, "test_count": 1}
-    demo["splits"] = {"5pct": {"labelled_percent": 5, "lambda_c": 0.01}, "50pct": {"labelled_percent": 50, "lambda_c": 0.09}}
+    demo["splits"] = {"5pct": {"labelled_percent": 5, "lambda_c": 0.01, "sweep": {"lambda_c": [0.01, 0.05], "unlabelled": [0.5, 1.0]}},
+                      "50pct": {"labelled_percent": 50, "lambda_c": 0.09}}
     demo["preprocessing"]["target_spacing"] = [2.0, 2.0, 2.0]
     demo["patch_size"] = [32, 32, 16]
     demo["training"] = {"iterations": 2, "base_filters": 2, "samples": 2, "rank": 2, "bcl_max_samples": 64,
                         "projection_channels": 4, "checkpoint_every": 1, "num_workers": 0}
     demo.update(demo_overrides)
-    return {"device": "auto", "evaluation": cfg["evaluation"], "between_stages": cfg["between_stages"], "training": cfg["training"], "datasets": {"demo": demo}}
+    return {"device": "auto", "evaluation": cfg["evaluation"], "figures": cfg["figures"], "between_stages": cfg["between_stages"],
+            "training": cfg["training"], "datasets": {"demo": demo}}
 
 
 def write_config(workdir: Path, cfg: dict) -> None:
@@ -64,7 +66,8 @@ def test_dry_run_of_demo_target(tmp_path):
     assert counts == {"generate_demo": 1, "preprocess_case": 40, "preprocessing_summary": 1, "make_split": 2, "all": 1,
                       "train_stage1": 3, "train_fully_supervised": 1, "pseudo_label": 30, "prototypes": 1,
                       "pseudo_label_quality": 1, "train_stage2": 2, "predict_case": 48, "case_metrics": 6,
-                      "ablation_table": 1}
+                      "ablation_table": 1, "figure_qualitative": 1, "figure_training_curves": 1,
+                      "figure_pseudo_quality": 1}
 
 
 def test_lint_clean():
@@ -138,6 +141,9 @@ MODELS = [f"results/models/demo_5pct/stage1_{m}/model.pt" for m in ("supervised"
     "results/pseudo/demo_5pct/quality.csv"
 ]
 TABLE = "results/tables/demo_5pct.csv"
+FIGURES = [f"results/figures/demo_5pct/{name}.png" for name in ("qualitative", "training_curves", "pseudo_quality")]
+SWEEPS = [f"results/{kind}/demo_5pct_{sweep}.{ext}" for sweep in ("lambda_c", "unlabelled")
+          for kind, ext in (("tables", "csv"), ("figures", "png"))]
 DATA = ["results/preprocessed/demo/summary.tsv"] + [f"results/splits/demo/{s}/split.json" for s in ("5pct", "50pct")]
 
 
@@ -145,7 +151,7 @@ DATA = ["results/preprocessed/demo/summary.tsv"] + [f"results/splits/demo/{s}/sp
 def micro_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("micro")
     write_config(wd, micro_config())
-    res = smk(wd, "--cores", "2", "all", *MODELS, TABLE)
+    res = smk(wd, "--cores", "2", "all", *MODELS, TABLE, *FIGURES, *SWEEPS)
     assert res.returncode == 0, res.stderr[-3000:]
     return wd
 
@@ -249,7 +255,8 @@ def test_demo_ablation_dag_shares_the_artifacts(tmp_path):
 
 def test_micro_table(micro_run):
     table = (micro_run / TABLE).read_text(encoding="utf-8").splitlines()
-    assert table[0] == "Method,Labeled,Unlabeled,Dice[%],Jaccard[%],ASD[voxel],95HD[voxel],Test cases,Empty predictions"
+    assert table[0] == "Method,Labeled,Unlabeled,Dice[%],Jaccard[%],ASD[voxel],95HD[voxel],Test cases,Empty predictions,Protocol"
+    assert all(row.endswith(",paper") for row in table[1:])
     assert len(table) == 1 + 6 and table[1].startswith("Supervised baseline,1,0,")
     assert table[-1].startswith("Fully supervised (upper bound),3,0,")
     assert (micro_run / "results/tables/demo_5pct.md").exists()
@@ -272,6 +279,93 @@ def test_evaluation_settings_rerun_only_evaluation(micro_run, change, expected):
     write_config(micro_run, cfg)
     try:
         res = smk(micro_run, "-n", TABLE)
+        assert res.returncode == 0, res.stderr
+        assert job_counts(res.stdout + res.stderr) == expected
+    finally:
+        write_config(micro_run, micro_config())
+
+
+def test_micro_figures(micro_run):
+    import matplotlib.image as mpimg
+
+    for fig in FIGURES + [s for s in SWEEPS if s.endswith(".png")]:
+        img = mpimg.imread(micro_run / fig)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100, fig
+        assert img[..., :3].std() > 0.01, f"{fig} is blank"
+    log = (micro_run / "results/logs/figures/demo_5pct_training_curves.log").read_text(encoding="utf-8")
+    for term in ("ce_dice", "sup_nll", "consistency", "bcl", "pcl"):
+        assert term in log
+
+
+def test_micro_sweep_tables(micro_run):
+    import pandas as pd
+
+    lc = pd.read_csv(micro_run / "results/tables/demo_5pct_lambda_c.csv")
+    assert list(lc["lambda_c"]) == [0.01, 0.05]
+    assert list(lc["Unlabeled"]) == [2, 2] and list(lc["Labeled"]) == [1, 1]
+    unl = pd.read_csv(micro_run / "results/tables/demo_5pct_unlabelled.csv")
+    assert list(unl["#Unlabeled"]) == [1, 2]
+    # The row at the split's own value is the split's full-method row (models reused) ...
+    full = pd.read_csv(micro_run / TABLE).set_index("Method").loc["AUA + BCL + Pseudo labeling + PCL (Full)"]
+    assert lc.iloc[0]["Dice[%]"] == full["Dice[%]"] == unl.iloc[1]["Dice[%]"]
+    # ... and the other rows come from their own runs through the same rules.
+    assert (micro_run / "results/models/demo_5pct-lc0.05/stage2_full/model.pt").exists()
+    assert not (micro_run / "results/models/demo_5pct-lc0.05/stage1_aua").exists()
+    assert len((micro_run / "results/splits/demo/5pct-u1/unlabelled.txt").read_text(encoding="utf-8").split()) == 1
+    md = (micro_run / "results/tables/demo_5pct_lambda_c.md").read_text(encoding="utf-8")
+    assert md.startswith("Evaluation protocol: **paper** (the field's protocol behind the paper's tables: test cases "
+                         "cropped around their ground-truth box before inference). Settings: test_crop = the data set's "
+                         "crop_source, unit = voxel, empty_policy = zero, weights = student, weighting = uniform.")
+
+
+def test_unknown_sweep_variant_and_too_many_unlabelled_fail_clearly(micro_run):
+    res = smk(micro_run, "-n", "results/models/demo_5pct-u9/stage1_aua_bcl/model.pt")
+    assert res.returncode != 0 and "asks for 9 unlabelled cases, but the split has only 2" in res.stdout + res.stderr
+    cfg = micro_config()
+    del cfg["datasets"]["demo"]["splits"]["5pct"]["sweep"]
+    write_config(micro_run, cfg)
+    try:
+        res = smk(micro_run, "-n", "results/tables/demo_5pct_lambda_c.csv")
+        assert res.returncode != 0 and "set datasets.demo.splits.5pct.sweep.lambda_c" in res.stdout + res.stderr
+    finally:
+        write_config(micro_run, micro_config())
+
+
+EVAL_OF = {"predict_case": 3, "case_metrics": 3, "ablation_table": 1}
+NEW_SWEEP_RUN = {"make_split": 1, "train_stage1": 1, "pseudo_label": 2, "prototypes": 1, "train_stage2": 1,
+                 "predict_case": 1, "case_metrics": 1}
+
+
+@pytest.mark.parametrize(
+    ("change", "targets", "expected"),
+    [
+        (lambda c: c["datasets"]["demo"]["splits"]["5pct"].update(lambda_c=0.5), [TABLE, *FIGURES],
+         {"train_stage1": 1, **DOWNSTREAM_OF_AUA_BCL, **EVAL_OF, "figure_qualitative": 1, "figure_training_curves": 1,
+          "figure_pseudo_quality": 1}),
+        (lambda c: c["figures"]["qualitative"].update(dpi=80), [TABLE, *FIGURES, *SWEEPS], {"figure_qualitative": 1}),
+        (lambda c: c["figures"]["qualitative"]["slice"].update(demo=3), [TABLE, *FIGURES, *SWEEPS], {"figure_qualitative": 1}),
+        (lambda c: c["figures"]["training_curves"].update(smoothing=3), [TABLE, *FIGURES, *SWEEPS],
+         {"figure_training_curves": 1}),
+        (lambda c: c["figures"]["pseudo_quality"].update(size=[4, 2]), [TABLE, *FIGURES, *SWEEPS],
+         {"figure_pseudo_quality": 1}),
+        (lambda c: c["figures"]["sweeps"].update(dpi=90), [TABLE, *FIGURES, *SWEEPS], {"figure_sweep": 2}),
+        (lambda c: c["evaluation"].update(empty_policy="worst"), [TABLE, *FIGURES, *SWEEPS],
+         {"case_metrics": 6 + 2, "ablation_table": 1, "sweep_table": 2, "figure_sweep": 2}),
+        (lambda c: c["evaluation"].update(empty_policy="zero"), [TABLE, *FIGURES, *SWEEPS], {}),  # = the protocol's
+        (lambda c: c["evaluation"].update(protocol="clean"), [TABLE, *FIGURES],
+         {"preprocess_case": 1, "predict_case": 6, "case_metrics": 6, "ablation_table": 1, "figure_qualitative": 1}),
+        (lambda c: c["datasets"]["demo"]["splits"]["5pct"]["sweep"].update(lambda_c=[0.01, 0.05, 0.2]),
+         [TABLE, *FIGURES, *SWEEPS], {**NEW_SWEEP_RUN, "sweep_table": 1, "figure_sweep": 1}),
+    ],
+    ids=["lambda_c", "qualitative_dpi", "qualitative_slice", "curves_smoothing", "pseudo_size", "sweep_dpi",
+         "empty_policy", "empty_policy_as_protocol", "protocol_clean", "sweep_values"],
+)
+def test_change_one_value_rebuilds_tables_and_figures(micro_run, change, targets, expected):
+    cfg = micro_config()
+    change(cfg)
+    write_config(micro_run, cfg)
+    try:
+        res = smk(micro_run, "-n", *targets)
         assert res.returncode == 0, res.stderr
         assert job_counts(res.stdout + res.stderr) == expected
     finally:

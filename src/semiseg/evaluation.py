@@ -89,37 +89,42 @@ def case_metrics(
     return table
 
 
-def ablation_table(
-    metric_files: dict[str, str | Path],
-    counts: dict[str, tuple[int, int]],
-    unit: str = "voxel",
-    out_csv: str | Path | None = None,
-    out_md: str | Path | None = None,
-) -> pd.DataFrame:
-    """The paper's Table V layout: one row per method (``ABLATION_ROWS`` order).
+def summary_row(metrics: pd.DataFrame, unit: str = "voxel") -> dict[str, object]:
+    """One table row from a per-case metrics frame: Dice[%], Jaccard[%], ASD, 95HD as
+    ``mean ± std`` (population std), the number of test cases and of empty predictions."""
 
-    ``metric_files``: method -> per-case metrics CSV; ``counts``: method -> (labelled,
-    unlabelled) scans used. Columns: labelled / unlabelled counts, Dice[%], Jaccard[%],
-    ASD, 95HD as ``mean ± std``, test cases and empty predictions.
-    """
-    rows = []
-    for key, label in ABLATION_ROWS.items():
-        if key not in metric_files:
-            continue
-        df = pd.read_csv(metric_files[key])
-        lab, unl = counts[key]
+    def fmt(col: str, scale: float = 1.0) -> str:
+        v = metrics[col].astype(float) * scale
+        return f"{v.mean():.2f} ± {v.std(ddof=0):.2f}"
 
-        def fmt(col, scale=1.0):
-            v = df[col].astype(float) * scale
-            return f"{v.mean():.2f} ± {v.std(ddof=0):.2f}"
+    return {
+        "Dice[%]": fmt("dice", 100), "Jaccard[%]": fmt("jaccard", 100),
+        f"ASD[{unit}]": fmt("asd"), f"95HD[{unit}]": fmt("hd95"),
+        "Test cases": len(metrics), "Empty predictions": int(metrics["empty_pred"].astype(bool).sum()),
+    }
 
-        rows.append({
-            "Method": label, "Labeled": lab, "Unlabeled": unl,
-            "Dice[%]": fmt("dice", 100), "Jaccard[%]": fmt("jaccard", 100),
-            f"ASD[{unit}]": fmt("asd"), f"95HD[{unit}]": fmt("hd95"),
-            "Test cases": len(df), "Empty predictions": int(df["empty_pred"].astype(bool).sum()),
-        })
-    table = pd.DataFrame(rows)
+
+#: What each evaluation protocol means, for the line above a table.
+PROTOCOL_TEXT = {
+    "paper": "the field's protocol behind the paper's tables: test cases cropped around their ground-truth box before inference",
+    "clean": "no test label used before inference",
+}
+
+
+def protocol_note(evaluation: dict | None) -> str:
+    """The line naming the evaluation protocol and settings a table was made with."""
+    if not evaluation:
+        return ""
+    ev = dict(evaluation)
+    head = ""
+    if "protocol" in ev:
+        name = ev.pop("protocol")
+        head = f"Evaluation protocol: **{name}** ({PROTOCOL_TEXT.get(name, name)}). "
+    return head + "Settings: " + ", ".join(f"{k} = {v}" for k, v in ev.items()) + "."
+
+
+def write_table(table: pd.DataFrame, out_csv: str | Path | None, out_md: str | Path | None, note: str = "") -> None:
+    """Write a table as CSV and as Markdown (``note`` as a paragraph above it), atomically."""
     if out_csv is not None:
         with atomic_path(out_csv, suffix=".csv") as tmp:
             table.to_csv(tmp, index=False)
@@ -127,5 +132,67 @@ def ablation_table(
         header = "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
         body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in table.itertuples(index=False))
         with atomic_path(out_md, suffix=".md") as tmp:
-            tmp.write_text(header + body, encoding="utf-8")
+            tmp.write_text((f"{note}\n\n" if note else "") + header + body, encoding="utf-8")
+
+
+def _with_protocol(table: pd.DataFrame, evaluation: dict | None) -> pd.DataFrame:
+    if evaluation and "protocol" in evaluation and not table.empty:
+        table["Protocol"] = evaluation["protocol"]
+    return table
+
+
+def ablation_table(
+    metric_files: dict[str, str | Path],
+    counts: dict[str, tuple[int, int]],
+    unit: str = "voxel",
+    out_csv: str | Path | None = None,
+    out_md: str | Path | None = None,
+    evaluation: dict | None = None,
+) -> pd.DataFrame:
+    """The paper's Table V layout: one row per method (``ABLATION_ROWS`` order).
+
+    ``metric_files``: method -> per-case metrics CSV; ``counts``: method -> (labelled,
+    unlabelled) scans used. Columns: labelled / unlabelled counts, Dice[%], Jaccard[%],
+    ASD, 95HD as ``mean ± std``, test cases and empty predictions. ``evaluation``: the
+    settings the metrics were computed with: its ``protocol`` becomes a last column, and
+    all of them a line above the Markdown table.
+    """
+    rows = []
+    for key, label in ABLATION_ROWS.items():
+        if key not in metric_files:
+            continue
+        lab, unl = counts[key]
+        rows.append({"Method": label, "Labeled": lab, "Unlabeled": unl, **summary_row(pd.read_csv(metric_files[key]), unit)})
+    table = _with_protocol(pd.DataFrame(rows), evaluation)
+    write_table(table, out_csv, out_md, protocol_note(evaluation))
+    return table
+
+
+#: Sweep tables: sweep name -> first column (paper, Tables VII and VIII).
+SWEEP_COLUMNS = {"lambda_c": "lambda_c", "unlabelled": "#Unlabeled"}
+
+
+def sweep_table(
+    sweep: str,
+    values: Sequence[float],
+    metric_files: Sequence[str | Path],
+    counts: Sequence[tuple[int, int]],
+    unit: str = "voxel",
+    out_csv: str | Path | None = None,
+    out_md: str | Path | None = None,
+    evaluation: dict | None = None,
+) -> pd.DataFrame:
+    """A sweep table of the full method (paper, Table VII: ``sweep="lambda_c"``; Table
+    VIII: ``sweep="unlabelled"``): one row per swept value, in the given order, with the
+    labelled / unlabelled scan counts and the metrics as in :func:`ablation_table`."""
+    if sweep not in SWEEP_COLUMNS:
+        raise ValueError(f"unknown sweep {sweep!r}; expected one of {sorted(SWEEP_COLUMNS)}")
+    if not (len(values) == len(metric_files) == len(counts)) or not values:
+        raise ValueError(f"sweep {sweep!r}: {len(values)} values, {len(metric_files)} metric files, {len(counts)} counts")
+    rows = [
+        {SWEEP_COLUMNS[sweep]: v, "Labeled": lab, "Unlabeled": unl, **summary_row(pd.read_csv(f), unit)}
+        for v, f, (lab, unl) in zip(values, metric_files, counts)
+    ]
+    table = _with_protocol(pd.DataFrame(rows), evaluation)
+    write_table(table, out_csv, out_md, protocol_note(evaluation))
     return table

@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -41,6 +42,12 @@ RESULTS = "results"
 STAGE1_METHODS_PATTERN = ("supervised", "aua", "aua_bcl")
 STAGE2_METHODS_PATTERN = ("aua_bcl_pl", "full")
 
+# A split name is a configured split (`5pct`) or a sweep variant of one: `5pct-lc0.05`
+# (lambda_c = 0.05; the paper's Table VII) or `5pct-u12` (the first 12 unlabelled cases
+# only; Table VIII). Variants go through the same rules as their base split.
+SPLIT_PATTERN = r"[A-Za-z0-9]+(-lc[0-9]+(\.[0-9]+)?|-u[0-9]+)?"
+SWEEPS = ("lambda_c", "unlabelled")
+
 SPLIT_SELECTION_KEYS = (
     "labelled_percent",
     "labelled_number",
@@ -52,7 +59,7 @@ SPLIT_SELECTION_KEYS = (
 wildcard_constraints:
     dataset="|".join(DATASETS),
     case="[A-Za-z0-9_.-]+",
-    split="[A-Za-z0-9]+",
+    split=SPLIT_PATTERN,
     method="|".join(STAGE1_METHODS_PATTERN),
     method2="|".join(STAGE2_METHODS_PATTERN),
     model="supervised|aua|aua_bcl|aua_bcl_pl|full|fully_supervised",
@@ -108,15 +115,55 @@ def raw_inputs(wildcards):
     return inputs
 
 
+# Evaluation protocols (the method notes, "Evaluation conventions of the field").
+PROTOCOLS = {
+    "paper": {"unit": "voxel", "empty_policy": "zero"},
+    "clean": {"unit": "mm", "empty_policy": "worst"},
+}
+
+
+def evaluation_settings():
+    """The effective evaluation settings (protocol, its unit and empty policy unless set
+    explicitly, weights, window weighting); written under every table."""
+    ev = config["evaluation"]
+    preset = PROTOCOLS[ev["protocol"]]
+    settings = {
+        "protocol": ev["protocol"],
+        "test_crop": (
+            ev["test_crop_source"]
+            if ev["protocol"] == "clean"
+            else "the data set's crop_source"
+        ),
+        "unit": ev["unit"] or preset["unit"],
+        "empty_policy": ev["empty_policy"] or preset["empty_policy"],
+        "weights": ev["weights"],
+        "weighting": ev["weighting"],
+    }
+    return settings
+
+
+def test_cases(dataset):
+    """The test cases of a data set (the same for all its splits)."""
+    return split_of(dataset, next(iter(DATASETS[dataset]["splits"]))).test
+
+
 def preprocessing_params(wildcards):
     """Exactly what preprocess_case uses for this case.
 
     Raw images: the preprocessing block (for an extra unlabelled image, crop_source is its
-    unlabelled_crop_source), classes, label map. Community HDF5 files: the format, the voxel
-    size, classes and label map (the preprocessing block is not applied to them).
+    unlabelled_crop_source; under the clean protocol a test case is cropped without its
+    label), classes, label map. Community HDF5 files: the format, the voxel size, classes
+    and label map (the preprocessing block is not applied to them).
     """
     ds = DATASETS[wildcards.dataset]
+    ev = config["evaluation"]
     if ds["raw"]["format"] == "community_h5":
+        if ev["protocol"] == "clean":
+            raise WorkflowError(
+                f"data set {wildcards.dataset!r}: the community's HDF5 files are already "
+                "cropped around the label, so evaluation.protocol 'clean' cannot apply to "
+                "them; use the 'paper' protocol, or the raw images (raw.format: image)"
+            )
         return {
             "format": "community_h5",
             "spacing": ds["raw"]["spacing"],
@@ -131,6 +178,8 @@ def preprocessing_params(wildcards):
         pre["crop_source"] = unlabelled_crop
         for key in ("label_orientation", "label_orientation_ratio"):
             pre.pop(key, None)  # no label to orient
+    elif ev["protocol"] == "clean" and wildcards.case in test_cases(wildcards.dataset):
+        pre["crop_source"] = ev["test_crop_source"]
     return {
         "preprocessing": pre,
         "classes": ds["classes"],
@@ -159,9 +208,29 @@ def split_inputs(wildcards):
     return inputs
 
 
+def split_settings(dataset, split):
+    """The settings of a split name: a configured split, or a sweep variant of one
+    (`{base}-lc{lambda_c}` or `{base}-u{number of unlabelled cases}`)."""
+    m = re.fullmatch(
+        r"(?P<base>[A-Za-z0-9]+)(?:-lc(?P<lc>[0-9.]+)|-u(?P<u>[0-9]+))?", split
+    )
+    if m is None or m["base"] not in DATASETS[dataset]["splits"]:
+        raise WorkflowError(
+            f"data set {dataset!r}: unknown split {split!r}; configured splits: "
+            f"{', '.join(DATASETS[dataset]['splits'])} (sweep variants: "
+            "<split>-lc<lambda_c>, <split>-u<number of unlabelled cases>)"
+        )
+    settings = dict(DATASETS[dataset]["splits"][m["base"]])
+    if m["lc"] is not None:
+        settings["lambda_c"] = float(m["lc"])
+    if m["u"] is not None:
+        settings["max_unlabelled"] = int(m["u"])
+    return settings
+
+
 def split_selection(wildcards):
     """The labelled-selection settings of one split (not its training weights)."""
-    chosen = DATASETS[wildcards.dataset]["splits"][wildcards.split]
+    chosen = split_settings(wildcards.dataset, wildcards.split)
     return {k: v for k, v in chosen.items() if k in SPLIT_SELECTION_KEYS}
 
 
@@ -185,8 +254,8 @@ def model_targets(dataset, split):
 
 
 def default_targets():
-    """Every generated (demo) data set: its data stages, and every model and the ablation
-    table of its first split."""
+    """Every generated (demo) data set: its data stages, and every model, the ablation
+    table and the figures of its first split."""
     targets = []
     for name in GENERATED:
         first = next(iter(DATASETS[name]["splits"]))
@@ -194,7 +263,7 @@ def default_targets():
         targets += [
             f"{RESULTS}/tables/{name}_{first}.csv",
             f"{RESULTS}/tables/{name}_{first}.md",
-        ]
+        ] + figure_targets(name, first)
     return targets
 
 
@@ -259,9 +328,9 @@ def train_params(dataset, method, split=None):
         num_classes=len(DATASETS[dataset]["classes"]),
     )
     if method == "aua_bcl":
-        params["lambda_c"] = DATASETS[dataset]["splits"][split]["lambda_c"]
+        params["lambda_c"] = split_settings(dataset, split)["lambda_c"]
     if method == "full":
-        params["lambda_r"] = DATASETS[dataset]["splits"][split]["lambda_r"]
+        params["lambda_r"] = split_settings(dataset, split)["lambda_r"]
     return params
 
 
@@ -276,7 +345,7 @@ def split_of(dataset, split):
     if key not in _SPLITS:
         selection = {
             k: v
-            for k, v in DATASETS[dataset]["splits"][split].items()
+            for k, v in split_settings(dataset, split).items()
             if k in SPLIT_SELECTION_KEYS
         }
         _SPLITS[key] = split_from_config(
@@ -285,6 +354,13 @@ def split_of(dataset, split):
             selection,
             extra_unlabelled=extra_unlabelled(dataset),
         )
+        n_unlabelled = selection.get("max_unlabelled")
+        if n_unlabelled is not None and len(_SPLITS[key].unlabelled) < n_unlabelled:
+            raise WorkflowError(
+                f"data set {dataset!r}, split {split!r}: asks for {n_unlabelled} "
+                f"unlabelled cases, but the split has only "
+                f"{len(_SPLITS[key].unlabelled)}"
+            )
     return _SPLITS[key]
 
 
@@ -425,3 +501,108 @@ def scan_counts(wildcards):
     counts["supervised"] = [n_l, 0]
     counts["fully_supervised"] = [len(f.labelled) + len(f.unlabelled), 0]
     return counts
+
+
+# ---- sweeps (paper, Tables VII and VIII) -----------------------------------------
+
+
+def _plain(value):
+    """A number as it appears in a split name: positional, no exponent (0.05, 0.0001)."""
+    from decimal import Decimal
+
+    text = format(Decimal(repr(float(value))), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def sweep_rows(dataset, split, sweep):
+    """[(swept value, split name of its models)] of one sweep table; the value the split
+    itself uses maps to the split (its models are reused)."""
+    settings = split_settings(dataset, split)
+    values = settings.get("sweep", {}).get(sweep)
+    if not values:
+        raise WorkflowError(
+            f"data set {dataset!r}, split {split!r}: no values for the {sweep!r} sweep; "
+            f"set datasets.{dataset}.splits.{split}.sweep.{sweep} in config.yaml"
+        )
+    if sweep == "lambda_c":
+        return [
+            (v, split if v == settings["lambda_c"] else f"{split}-lc{_plain(v)}")
+            for v in values
+        ]
+    n = len(split_of(dataset, split).unlabelled)
+    rows = []
+    for fraction in values:
+        k = int(fraction * n + 0.5)  # round half up, as the labelled count
+        if k < 1:
+            raise WorkflowError(
+                f"data set {dataset!r}, split {split!r}: unlabelled fraction {fraction} "
+                f"of {n} cases keeps none"
+            )
+        rows.append((k, split if k == n else f"{split}-u{k}"))
+    return rows
+
+
+def sweep_inputs(wildcards):
+    return [
+        f"{RESULTS}/metrics/{wildcards.dataset}_{s}/full.csv"
+        for _, s in sweep_rows(wildcards.dataset, wildcards.split, wildcards.sweep)
+    ]
+
+
+def sweep_params(wildcards):
+    rows = sweep_rows(wildcards.dataset, wildcards.split, wildcards.sweep)
+    counts = []
+    for _, s in rows:
+        chosen = split_of(wildcards.dataset, s)
+        counts.append([len(chosen.labelled), len(chosen.unlabelled)])
+    return {"values": [v for v, _ in rows], "counts": counts}
+
+
+# ---- figures ----------------------------------------------------------------------
+
+
+def figure_options(name):
+    """The options of one figure (its rule's params hold exactly these)."""
+    return config["figures"][name]
+
+
+def qualitative_case(wildcards):
+    """The test case of the qualitative panel: figures.qualitative.case[<data set>],
+    else the split's first test case."""
+    test = split_of(wildcards.dataset, wildcards.split).test
+    chosen = figure_options("qualitative")["case"].get(wildcards.dataset)
+    if chosen is None:
+        return test[0]
+    if chosen not in test:
+        raise WorkflowError(
+            f"figures.qualitative.case.{wildcards.dataset} = {chosen!r} is not a test case "
+            f"of split {wildcards.split!r} (test cases: {', '.join(test)})"
+        )
+    return chosen
+
+
+def qualitative_inputs(wildcards):
+    case = qualitative_case(wildcards)
+    prefix = f"{RESULTS}/predictions/{wildcards.dataset}_{wildcards.split}"
+    return {
+        "case": f"{RESULTS}/preprocessed/{wildcards.dataset}/{case}.h5",
+        "pred": [f"{prefix}/{m}/{case}.h5" for m in ABLATION],
+    }
+
+
+def curves_inputs(wildcards):
+    return [
+        os.path.join(
+            os.path.dirname(model_file(wildcards.dataset, wildcards.split, m)),
+            "losses.csv",
+        )
+        for m in ABLATION
+    ]
+
+
+def figure_targets(dataset, split):
+    prefix = f"{RESULTS}/figures/{dataset}_{split}"
+    return [
+        f"{prefix}/{name}.png"
+        for name in ("qualitative", "training_curves", "pseudo_quality")
+    ]

@@ -1,5 +1,6 @@
 # Evaluation: sliding-window predictions of the test cases (one job per model and case),
-# per-case metrics per model, and the ablation table (paper, Table V).
+# per-case metrics per model, the ablation table (paper, Table V) and the sweep tables
+# (Tables VII and VIII: the full method over lambda_c or the number of unlabelled cases).
 
 
 rule predict_case:
@@ -34,8 +35,8 @@ rule case_metrics:
     conda:
         "../../envs/semiseg.yaml"
     params:
-        unit=config["evaluation"]["unit"],
-        empty_policy=config["evaluation"]["empty_policy"],
+        unit=evaluation_settings()["unit"],
+        empty_policy=evaluation_settings()["empty_policy"],
     script:
         "../scripts/case_metrics.py"
 
@@ -52,6 +53,25 @@ rule ablation_table:
         "../../envs/semiseg.yaml"
     params:
         counts=scan_counts,
-        unit=config["evaluation"]["unit"],
+        evaluation=evaluation_settings(),
     script:
         "../scripts/ablation_table.py"
+
+
+rule sweep_table:
+    input:
+        sweep_inputs,
+    output:
+        csv=f"{RESULTS}/tables/{{dataset}}_{{split}}_{{sweep}}.csv",
+        md=f"{RESULTS}/tables/{{dataset}}_{{split}}_{{sweep}}.md",
+    log:
+        f"{RESULTS}/logs/tables/{{dataset}}_{{split}}_{{sweep}}.log",
+    wildcard_constraints:
+        sweep="|".join(SWEEPS),
+    conda:
+        "../../envs/semiseg.yaml"
+    params:
+        rows=sweep_params,
+        evaluation=evaluation_settings(),
+    script:
+        "../scripts/sweep_table.py"

@@ -53,6 +53,9 @@ class SyntheticParams:
     z_extent: tuple[float, float] = (72.0, 104.0)
     fov_margin: tuple[float, float] = (6.0, 22.0)
     target_length: tuple[float, float] = (55.0, 75.0)
+    target_radius_head: tuple[float, float] = (9.5, 12.5)
+    target_radius_tail: tuple[float, float] = (5.5, 7.0)
+    target_offset_hu: tuple[float, float] = (8.0, 20.0)
     noise_sd: tuple[float, float] = (8.0, 18.0)
     blur_sd_mm: float = 0.6
 
@@ -139,7 +142,7 @@ def generate_case(seed: int, index: int, params: SyntheticParams | None = None) 
 
     hu = {k: v + (u(-8, 8) if k not in ("air", "gas") else 0.0) for k, v in TISSUE_HU.items()}
     # The target enhances like its neighbours (bowel, duodenum): the hard part of the task.
-    hu["target"] = hu["bowel"] + u(-4, 12)
+    hu["target"] = hu["bowel"] + u(*p.target_offset_hu)
 
     wob = _smooth_noise(rng, shape, spacing, 14.0)
     texture = _smooth_noise(rng, shape, spacing, 4.0)
@@ -197,7 +200,7 @@ def generate_case(seed: int, index: int, params: SyntheticParams | None = None) 
     tail = np.array([aorta_c[0] + length * u(0.45, 0.55), aorta_c[1] + u(-4, 6), head[2] + u(8, 18)])
     ctrl = (head + tail) / 2 + np.array([u(-6, 6), -u(10, 22), u(-4, 4)])
     pts = _bezier(head, ctrl, tail, 48)
-    radii = np.linspace(u(7.5, 10.0), u(3.5, 5.0), len(pts)) * (1 + 0.12 * np.sin(np.linspace(0, u(6, 14), len(pts))))
+    radii = np.linspace(u(*p.target_radius_head), u(*p.target_radius_tail), len(pts)) * (1 + 0.12 * np.sin(np.linspace(0, u(6, 14), len(pts))))
     target = _tube(X, Y, Z, pts, radii, texture, 0.10) & cavity & ~vert & ~aorta
 
     # Duodenum-like loop around the head, and bowel loops with gas pockets, touching the target.

@@ -1,0 +1,104 @@
+"""Figures: overlay colours, slice choice, and each figure written as a real PNG."""
+
+from __future__ import annotations
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+
+from semiseg.figures import (
+    loss_terms,
+    overlay,
+    pick_slice,
+    pseudo_quality_plot,
+    qualitative_panel,
+    sweep_plot,
+    training_curves,
+)
+
+
+def test_overlay_colours_tp_fn_fp():
+    image = np.zeros((4, 4))
+    image[0, 0] = 1.0  # grey range 0..1
+    ref = np.zeros((4, 4), bool)
+    pred = np.zeros((4, 4), bool)
+    ref[1, 1] = pred[1, 1] = True  # TP
+    ref[2, 2] = True  # FN
+    pred[3, 3] = True  # FP
+    rgb = overlay(image, pred, ref, alpha=1.0)
+    assert rgb.shape == (4, 4, 3)
+    np.testing.assert_allclose(rgb[1, 1], [1, 0, 0])  # red
+    np.testing.assert_allclose(rgb[2, 2], [0, 128 / 255, 0])  # matplotlib "green"
+    np.testing.assert_allclose(rgb[3, 3], [0, 0, 1])  # blue
+    np.testing.assert_allclose(rgb[0, 1], [0, 0, 0])  # untouched background stays grey
+    custom = overlay(image, pred, ref, {"tp": "#ffff00", "fn": "cyan", "fp": "magenta"}, alpha=1.0)
+    np.testing.assert_allclose(custom[1, 1], [1, 1, 0])
+
+
+def test_overlay_rejects_bad_input():
+    with pytest.raises(ValueError, match="one shape"):
+        overlay(np.zeros((3, 3)), np.zeros((3, 4)), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="lack"):
+        overlay(np.zeros((3, 3)), np.zeros((3, 3)), np.zeros((3, 3)), {"tp": "red"})
+
+
+def test_pick_slice_most_foreground_and_empty():
+    ref = np.zeros((5, 5, 6), np.uint8)
+    ref[:2, :2, 1] = 1
+    ref[:, :, 4] = 1
+    assert pick_slice(ref) == 4
+    assert pick_slice(np.zeros((5, 5, 6))) == 3
+
+
+def _volume():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(24, 20, 10)).astype(np.float32)
+    ref = np.zeros(image.shape, np.uint8)
+    ref[8:16, 6:14, 3:7] = 1
+    return image, ref
+
+
+def test_qualitative_panel_writes_png(tmp_path):
+    image, ref = _volume()
+    shifted = np.roll(ref, 2, axis=0)
+    out = tmp_path / "q.png"
+    z = qualitative_panel(image, ref, {"A": ref, "B": shifted}, out, dpi=60, title="case x, slice {z}")
+    assert z == 3  # first of the equally full slices
+    img = mpimg.imread(out)
+    assert img.shape[1] > img.shape[0] > 50
+    # red (TP), green (FN) and blue (FP) pixels are all drawn
+    rgb = img[..., :3]
+    assert ((rgb[..., 0] > 0.8) & (rgb[..., 1] < 0.3) & (rgb[..., 2] < 0.3)).any()
+    assert ((rgb[..., 2] > 0.8) & (rgb[..., 0] < 0.3) & (rgb[..., 1] < 0.3)).any()
+    assert ((rgb[..., 1] > 0.35) & (rgb[..., 0] < 0.3) & (rgb[..., 2] < 0.3)).any()
+    assert not list(tmp_path.glob("*.tmp*")), "no temporary file left behind"
+    with pytest.raises(ValueError, match="slice 10 outside"):
+        qualitative_panel(image, ref, {"A": ref}, tmp_path / "bad.png", slice_index=10)
+    with pytest.raises(ValueError, match="prediction of 'A'"):
+        qualitative_panel(image, ref, {"A": ref[:-1]}, tmp_path / "bad.png")
+
+
+def test_training_curves_draws_every_loss_term(tmp_path):
+    it = np.arange(30)
+    a = pd.DataFrame({"iteration": it, "lr": 0.01, "loss": 1 / (it + 1), "ce_dice": 1 / (it + 1), "data_wait_s": 0.0, "step_s": 0.1})
+    b = pd.DataFrame({"iteration": it, "lr": 0.01, "sup_nll": 0.5, "bcl": 0.3, "lambda_c": 0.01, "loss": 0.8, "step_s": 0.1})
+    assert loss_terms(b) == ["sup_nll", "bcl", "loss"]
+    terms = training_curves({"A": a, "B": b}, tmp_path / "c.png", smoothing=5, dpi=50)
+    assert terms == ["loss", "ce_dice", "sup_nll", "bcl"]
+    assert mpimg.imread(tmp_path / "c.png").ndim == 3
+    with pytest.raises(ValueError, match="smoothing"):
+        training_curves({"A": a}, tmp_path / "d.png", smoothing=0)
+
+
+def test_pseudo_quality_and_sweep_plots(tmp_path):
+    q = pd.DataFrame({"case": ["a", "b", "c"], "dice": [0.5, 0.7, 0.6]})
+    pseudo_quality_plot(q, tmp_path / "p.png", dpi=50)
+    assert mpimg.imread(tmp_path / "p.png").ndim == 3
+    with pytest.raises(ValueError, match="case, dice"):
+        pseudo_quality_plot(pd.DataFrame({"case": []}), tmp_path / "e.png")
+    table = pd.DataFrame({"lambda_c": [0.03, 0.09], "Dice[%]": ["79.26 ± 6.10", "79.81 ± 5.00"]})
+    sweep_plot(table, "lambda_c", tmp_path / "s.png", dpi=50)
+    assert mpimg.imread(tmp_path / "s.png").ndim == 3
+    with pytest.raises(ValueError, match="needs columns"):
+        sweep_plot(table, "#Unlabeled", tmp_path / "s2.png")
