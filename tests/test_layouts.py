@@ -261,3 +261,13 @@ def test_community_format_needs_a_spacing():
     cfg["datasets"]["x"] = block({"dir": "d", "image": "{case}/mri_norm2.h5", "format": "community_h5"})
     with pytest.raises(ConfigError, match="datasets.x.raw.spacing: None is not of type 'array'"):
         validate_config(cfg)
+
+
+def test_clean_protocol_is_refused_for_community_files(tmp_path):
+    cfg = micro_config()
+    cfg["evaluation"]["protocol"] = "clean"
+    cfg["datasets"] = {"lah5": write_community(tmp_path / "raw")}
+    write_config(tmp_path, cfg)
+    res = smk(tmp_path, "-n", "results/preprocessed/lah5/summary.tsv")
+    assert res.returncode != 0
+    assert "already cropped around the label, so evaluation.protocol 'clean' cannot apply" in res.stdout + res.stderr
