@@ -29,6 +29,12 @@ def test_project_config_is_valid_with_paper_values():
     assert ds["la"]["patch_size"] == [112, 112, 80] and ds["la"]["stride"] == [18, 18, 4]
     assert ds["pancreas"]["splits"]["5pct"]["lambda_c"] == 0.01 and ds["pancreas"]["splits"]["20pct"]["lambda_c"] == 0.09
     assert ds["colon"]["splits"]["5pct"]["lambda_c"] == 0.03
+    assert ds["colon"]["patch_size"] == [96, 96, 96] and ds["colon"]["stride"] == [16, 16, 16]
+    assert ds["colon"]["split"]["test_count"] == 26 and ds["colon"]["raw"]["unlabelled_image"] is None
+    assert ds["la"]["splits"]["20pct"]["lambda_c"] == 0.09 and ds["la"]["preprocessing"]["intensity_clip"] is None
+    assert ds["la"]["label_map"] == {"0": 0, "255": 1} and ds["la"]["preprocessing"]["target_spacing"] is None
+    assert ds["la_h5"]["raw"]["format"] == "community_h5" and ds["la_h5"]["raw"]["spacing"] == [0.625] * 3
+    assert ds["pancreas"]["preprocessing"]["label_orientation"] == "auto"
     assert ds["pancreas"]["splits"]["5pct"]["lambda_r"] == 0.1  # default from the schema
     assert cfg["device"] == "auto"
 
@@ -74,12 +80,14 @@ def test_raw_paths_and_case_listing(tmp_path):
     assert img == tmp_path / "Pancreas-CT" / "PANCREAS_0007" and lab == tmp_path / "labels" / "label0007.nii.gz"
     for c in ("PANCREAS_0001", "PANCREAS_0002"):
         (tmp_path / "Pancreas-CT" / c).mkdir(parents=True)
+    (tmp_path / "Pancreas-CT" / "LICENSE").touch()  # beside the series folders in TCIA downloads
     assert list_cases("pancreas", ds) == ["PANCREAS_0001", "PANCREAS_0002"]
     msd = {"raw": {"dir": str(tmp_path / "msd"), "image": "imagesTr/{case}.nii.gz"}}
     (tmp_path / "msd" / "imagesTr").mkdir(parents=True)
     for c in ("colon_001", "colon_005"):
         (tmp_path / "msd" / "imagesTr" / f"{c}.nii.gz").touch()
     (tmp_path / "msd" / "imagesTr" / "._colon_001.txt").touch()
+    (tmp_path / "msd" / "imagesTr" / "._colon_009.nii.gz").touch()  # macOS metadata in the MSD archives
     assert list_cases("colon", msd) == ["colon_001", "colon_005"]
 
 

@@ -73,7 +73,7 @@ def test_write_and_load(tmp_path):
     assert load_split(tmp_path / "s") == s
     assert (tmp_path / "s" / "labelled.txt").read_text(encoding="utf-8").split() == s.labelled
     rec = json.loads((tmp_path / "s" / "split.json").read_text(encoding="utf-8"))
-    assert rec["counts"] == {"test": 8, "labelled": 6, "unlabelled": 26} and rec["dataset"] == "x"
+    assert rec["counts"] == {"test": 8, "labelled": 6, "unlabelled": 26, "extra_unlabelled": 0} and rec["dataset"] == "x"
 
 
 def test_split_from_config_reads_list_files():
@@ -82,3 +82,57 @@ def test_split_from_config_reads_list_files():
     cfg = {"test_list": "workflow/resources/splits/pancreas_test.list", "train_list": "workflow/resources/splits/pancreas_train.list"}
     s = split_from_config(train + test, cfg, {"labelled_percent": 20}, base=REPO)
     assert len(s.labelled) == 12 and s.test == test
+
+
+COLON = [f"colon_{i:03d}" for i in range(1, 127)]  # 126 labelled MSD Task10_Colon volumes
+
+
+def colon_split_config() -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))["datasets"]["colon"]
+
+
+def test_colon_seeded_split_is_26_test_100_train_and_one_value_away_from_another():
+    ds = colon_split_config()
+    s = split_from_config(COLON, ds["split"], ds["splits"]["5pct"])
+    assert (len(s.test), len(s.train), len(s.labelled)) == (26, 100, 5) and s.labelled == s.train[:5]
+    assert s == split_from_config(list(reversed(COLON)), ds["split"], ds["splits"]["5pct"])  # deterministic
+    other = split_from_config(COLON, {**ds["split"], "seed": 1}, ds["splits"]["5pct"])
+    assert other.test != s.test and len(other.test) == 26
+
+
+def test_colon_explicit_lists_replace_the_draw(tmp_path):
+    ds = colon_split_config()
+    (tmp_path / "test.list").write_text("\n".join(COLON[-26:]) + "\n", encoding="utf-8")
+    s = split_from_config(COLON, {**ds["split"], "test_list": "test.list"}, ds["splits"]["5pct"], base=tmp_path)
+    assert s.test == COLON[-26:] and len(s.train) == 100
+    drawn = split_from_config(COLON, ds["split"], ds["splits"]["5pct"])
+    ids = drawn.train[10:12][::-1]
+    s = split_from_config(COLON, ds["split"], {"labelled_ids": ids})
+    assert s.labelled == ids and s.test == drawn.test and len(s.unlabelled) == 98
+
+
+def test_extra_unlabelled_images_join_the_unlabelled_pool_only(tmp_path):
+    extra = ["colon_200", "colon_190"]
+    s = make_split(COLON, seed=0, test_count=26, labelled_percent=5, extra_unlabelled=extra)
+    assert s.extra_unlabelled == ["colon_190", "colon_200"] and s.unlabelled[-2:] == ["colon_190", "colon_200"]
+    assert len(s.unlabelled) == 97 and len(s.train) == 100 and not set(extra) & set(s.train + s.test)
+    assert "97 unlabelled (2 of them extra images without a label); 26 test" in s.statement
+    plain = make_split(COLON, seed=0, test_count=26, labelled_percent=5)
+    assert (plain.test, plain.labelled) == (s.test, s.labelled)  # the extras change nothing else
+    write_split(s, tmp_path / "s")
+    assert load_split(tmp_path / "s") == s
+    capped = make_split(COLON, seed=0, test_count=26, labelled_percent=5, extra_unlabelled=extra, max_unlabelled=96)
+    assert capped.extra_unlabelled == ["colon_190"]  # the training list's own unlabelled cases come first
+    with pytest.raises(ValueError, match="extra unlabelled images with the ID of a labelled case: colon_001"):
+        make_split(COLON, seed=0, test_count=26, labelled_percent=5, extra_unlabelled=["colon_001"])
+
+
+def test_shipped_lists_are_the_published_ones():
+    published = REPO.parent / "shared" / "data" / "splits"
+    if not published.is_dir():
+        pytest.skip(f"published lists not found at {published}")
+    for name in ("pancreas_train", "pancreas_test", "LA_train", "LA_test"):
+        assert read_list(REPO / f"workflow/resources/splits/{name}.list") == read_list(published / f"{name}.list"), name
+    assert (len(read_list(published / "pancreas_train.list")), len(read_list(published / "LA_train.list"))) == (60, 80)

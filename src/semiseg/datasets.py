@@ -4,7 +4,9 @@ A data set's ``raw`` config block gives a folder and two path templates relative
 e.g. ``imagesTr/{case}.nii.gz`` (MSD layout) or ``{case}/lgemri.nrrd`` (LA). Templates may
 use ``{case}`` and ``{case_digits}`` (the case ID's trailing digits, e.g. ``0001`` for
 ``PANCREAS_0001``, for label files named ``label0001.nii.gz``). An image template may name a
-folder: it is then read as a DICOM series.
+folder: it is then read as a DICOM series. An optional third template,
+``unlabelled_image`` (e.g. MSD ``imagesTs/{case}.nii.gz``), names extra images without
+labels.
 """
 
 from __future__ import annotations
@@ -31,10 +33,18 @@ def _fill(template: str, case: str) -> str:
     return template.format(case=case, case_digits=case_digits(case))
 
 
-def raw_case_paths(ds: Mapping[str, Any], case: str, base: str | Path = ".") -> tuple[Path, Path | None]:
-    """``(image path, label path or None)`` of ``case`` for a data set config ``ds``."""
+def raw_case_paths(
+    ds: Mapping[str, Any], case: str, base: str | Path = ".", unlabelled: bool = False
+) -> tuple[Path, Path | None]:
+    """``(image path, label path or None)`` of ``case`` for a data set config ``ds``.
+
+    ``unlabelled``: the case is one of the extra unlabelled images (``raw.unlabelled_image``,
+    e.g. MSD ``imagesTs``): its image comes from that template and it has no label.
+    """
     raw = ds["raw"]
     root = Path(base) / raw["dir"]
+    if unlabelled:
+        return root / _fill(raw["unlabelled_image"], case), None
     image = root / _fill(raw["image"], case)
     label = root / _fill(raw["label"], case) if raw.get("label") else None
     return image, label
@@ -58,13 +68,44 @@ def missing_data_message(name: str, ds: Mapping[str, Any], base: str | Path = ".
     )
 
 
+def _match_cases(root: Path, template: str, what: str) -> set[str]:
+    """Case IDs of every path under ``root`` matching ``template``.
+
+    Hidden files are skipped. A template whose last part has no suffix (``Pancreas-CT/{case}``)
+    names DICOM series folders: only folders match (not e.g. a ``LICENSE`` file beside them).
+    """
+    if "{case}" not in template:
+        raise ValueError(f"{what} must contain '{{case}}', got {template!r}")
+    pattern = template.replace("{case_digits}", "*").replace("{case}", "*")
+    pre, post = template.split("{case}", 1)
+    regex = re.compile(
+        "^" + re.escape(pre).replace(re.escape("{case_digits}"), r"\d+") + r"(?P<case>[^/]+?)"
+        + re.escape(post).replace(re.escape("{case_digits}"), r"\d+") + "$"
+    )
+    folders_only = "." not in template.rsplit("/", 1)[-1]
+    cases = set()
+    for path in root.glob(pattern):
+        if folders_only and not path.is_dir():
+            continue
+        rel = path.relative_to(root).as_posix()
+        # macOS metadata files (``._colon_001.nii.gz``, as in the MSD archives) and other hidden files
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        m = regex.match(rel)
+        if m:
+            cases.add(m.group("case"))
+    return cases
+
+
 def list_cases(name: str, ds: Mapping[str, Any], base: str | Path = ".") -> list[str]:
     """Case IDs of data set ``name``, sorted.
 
     Generated data sets: from the generator config. Otherwise an explicit ``cases`` list
-    if given, else every match of the image template under the raw folder. Raises
-    :class:`RawDataMissing` with a message saying where the data was expected, where to
-    get it and how to run the demo instead.
+    if given, else every match of the image template under the raw folder (hidden files,
+    such as the ``._*`` files of the MSD archives, skipped). The extra unlabelled images
+    (:func:`list_unlabelled_cases`) are not among them. Raises :class:`RawDataMissing` with
+    a message saying where the data was expected, where to get it and how to run the
+    demo instead.
     """
     if ds.get("generate"):
         return generated_cases(ds)
@@ -73,20 +114,28 @@ def list_cases(name: str, ds: Mapping[str, Any], base: str | Path = ".") -> list
     root = Path(base) / ds["raw"]["dir"]
     if not root.is_dir():
         raise RawDataMissing(missing_data_message(name, ds, base))
-    template = ds["raw"]["image"]
-    if "{case}" not in template:
-        raise ValueError(f"datasets.{name}.raw.image must contain '{{case}}', got {template!r}")
-    pattern = template.replace("{case_digits}", "*").replace("{case}", "*")
-    pre, post = template.split("{case}", 1)
-    regex = re.compile(
-        "^" + re.escape(pre).replace(re.escape("{case_digits}"), r"\d+") + r"(?P<case>[^/]+?)"
-        + re.escape(post).replace(re.escape("{case_digits}"), r"\d+") + "$"
-    )
-    cases = set()
-    for path in root.glob(pattern):
-        m = regex.match(path.relative_to(root).as_posix())
-        if m:
-            cases.add(m.group("case"))
+    cases = _match_cases(root, ds["raw"]["image"], f"datasets.{name}.raw.image")
     if not cases:
         raise RawDataMissing(missing_data_message(name, ds, base))
+    return sorted(cases)
+
+
+def list_unlabelled_cases(name: str, ds: Mapping[str, Any], base: str | Path = ".") -> list[str]:
+    """Case IDs of the extra unlabelled images of data set ``name`` (sorted; empty if none configured).
+
+    These are the matches of ``raw.unlabelled_image`` (e.g. ``imagesTs/{case}.nii.gz`` of an
+    MSD task): images without a label, which join the unlabelled training pool of every
+    split and never the test or labelled lists. Raises :class:`RawDataMissing` when the
+    template is set but matches nothing.
+    """
+    template = ds["raw"].get("unlabelled_image")
+    if not template or ds.get("generate"):
+        return []
+    root = Path(base) / ds["raw"]["dir"]
+    cases = _match_cases(root, template, f"datasets.{name}.raw.unlabelled_image") if root.is_dir() else set()
+    if not cases:
+        raise RawDataMissing(
+            f"data set '{name}': no unlabelled images match {root / template} (config key "
+            f"datasets.{name}.raw.unlabelled_image); set it to null to use no extra unlabelled images"
+        )
     return sorted(cases)

@@ -3,7 +3,10 @@
 The field's convention: the labelled cases are the first N IDs of the training list, with
 N the labelled percentage of the training cases rounded half up (5% of 60 = 3, 20% of
 60 = 12, 20% of 62 = 12, 5% of 32 = 2). Lists are deterministic given the seed, or taken
-verbatim from published lists.
+verbatim from published lists. Extra unlabelled images (cases without a label, e.g. MSD
+``imagesTs``) join the unlabelled list of every split, after the training list's own
+unlabelled cases; they are never test, labelled or "training" cases (the fully supervised
+upper bound does not see them).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -20,16 +23,22 @@ from semiseg.io.atomic import atomic_write_text
 
 @dataclass(frozen=True)
 class Split:
-    """A data set split: ``test``, ``labelled`` and ``unlabelled`` training case IDs."""
+    """A data set split: ``test``, ``labelled`` and ``unlabelled`` training case IDs.
+
+    ``extra_unlabelled``: the cases of ``unlabelled`` that have no label at all (extra
+    unlabelled images); ``train`` (labelled + the other unlabelled cases) excludes them.
+    """
 
     test: list[str]
     labelled: list[str]
     unlabelled: list[str]
     statement: str
+    extra_unlabelled: list[str] = field(default_factory=list)
 
     @property
     def train(self) -> list[str]:
-        return self.labelled + self.unlabelled
+        extra = set(self.extra_unlabelled)
+        return self.labelled + [c for c in self.unlabelled if c not in extra]
 
 
 def labelled_count(percent: float, n_train: int) -> int:
@@ -72,6 +81,7 @@ def make_split(
     labelled_number: int | None = None,
     labelled_ids: Sequence[str] | None = None,
     max_unlabelled: int | None = None,
+    extra_unlabelled: Sequence[str] = (),
 ) -> Split:
     """Split ``cases`` into test, labelled and unlabelled training lists.
 
@@ -80,7 +90,9 @@ def make_split(
     the remaining cases shuffled with ``seed`` (the same for every labelled percentage,
     so the 5% labelled set is inside the 20% one). Labelled: ``labelled_ids`` verbatim,
     else the first ``labelled_number`` or :func:`labelled_count` of ``labelled_percent``.
-    ``max_unlabelled`` keeps the first that many unlabelled cases (the Table VIII sweep).
+    ``extra_unlabelled`` (case IDs without a label, not among ``cases``) are appended to
+    the unlabelled list. ``max_unlabelled`` keeps the first that many unlabelled cases
+    (the Table VIII sweep; the training list's own unlabelled cases come first).
     """
     cases = sorted(set(cases))
     known = set(cases)
@@ -121,11 +133,20 @@ def make_split(
         if not 1 <= n <= len(train):
             raise ValueError(f"{n} labelled cases requested but the training list has {len(train)}")
         labelled = train[:n]
-    unlabelled = [c for c in train if c not in set(labelled)]
+    extra = sorted(set(extra_unlabelled))
+    clash = sorted(set(extra) & known)
+    if clash:
+        shown = ", ".join(clash[:8]) + (" ..." if len(clash) > 8 else "")
+        raise ValueError(f"extra unlabelled images with the ID of a labelled case: {shown}")
+    unlabelled = [c for c in train if c not in set(labelled)] + extra
     if max_unlabelled is not None:
         unlabelled = unlabelled[: int(max_unlabelled)]
-    statement = f"{how}; {len(unlabelled)} unlabelled; {len(test)} test"
-    return Split(test=test, labelled=labelled, unlabelled=unlabelled, statement=statement)
+    extra = [c for c in unlabelled if c in set(extra)]
+    statement = f"{how}; {len(unlabelled)} unlabelled"
+    if extra:
+        statement += f" ({len(extra)} of them extra images without a label)"
+    statement += f"; {len(test)} test"
+    return Split(test=test, labelled=labelled, unlabelled=unlabelled, statement=statement, extra_unlabelled=extra)
 
 
 def write_split(split: Split, out_dir: str | Path, extra: dict | None = None) -> None:
@@ -134,7 +155,8 @@ def write_split(split: Split, out_dir: str | Path, extra: dict | None = None) ->
     for name in ("test", "labelled", "unlabelled"):
         ids = getattr(split, name)
         atomic_write_text(out / f"{name}.txt", "".join(f"{c}\n" for c in ids))
-    record = {**asdict(split), "counts": {k: len(getattr(split, k)) for k in ("test", "labelled", "unlabelled")}}
+    names = ("test", "labelled", "unlabelled", "extra_unlabelled")
+    record = {**asdict(split), "counts": {k: len(getattr(split, k)) for k in names}}
     if extra:
         record.update(extra)
     atomic_write_text(out / "split.json", json.dumps(record, indent=2) + "\n")
@@ -143,11 +165,19 @@ def write_split(split: Split, out_dir: str | Path, extra: dict | None = None) ->
 def load_split(out_dir: str | Path) -> Split:
     """Read a split written by :func:`write_split`."""
     rec = json.loads((Path(out_dir) / "split.json").read_text(encoding="utf-8"))
-    return Split(test=rec["test"], labelled=rec["labelled"], unlabelled=rec["unlabelled"], statement=rec["statement"])
+    return Split(
+        test=rec["test"], labelled=rec["labelled"], unlabelled=rec["unlabelled"], statement=rec["statement"],
+        extra_unlabelled=rec.get("extra_unlabelled", []),
+    )
 
 
-def split_from_config(cases: Sequence[str], split_cfg: dict, selection: dict, base: str | Path = ".") -> Split:
-    """A :class:`Split` from a data set's ``split`` block and one ``splits`` entry."""
+def split_from_config(
+    cases: Sequence[str], split_cfg: dict, selection: dict, base: str | Path = ".", extra_unlabelled: Sequence[str] = ()
+) -> Split:
+    """A :class:`Split` from a data set's ``split`` block and one ``splits`` entry.
+
+    ``extra_unlabelled``: the data set's images without a label (see :func:`make_split`).
+    """
     return make_split(
         cases,
         seed=int(split_cfg.get("seed", 0)),
@@ -159,4 +189,5 @@ def split_from_config(cases: Sequence[str], split_cfg: dict, selection: dict, ba
         labelled_number=selection.get("labelled_number"),
         labelled_ids=selection.get("labelled_ids"),
         max_unlabelled=selection.get("max_unlabelled"),
+        extra_unlabelled=extra_unlabelled,
     )

@@ -22,7 +22,12 @@ os.environ.update(
 )
 
 from semiseg.config import validate_config
-from semiseg.datasets import RawDataMissing, list_cases, raw_case_paths
+from semiseg.datasets import (
+    RawDataMissing,
+    list_cases,
+    list_unlabelled_cases,
+    raw_case_paths,
+)
 from semiseg.errors import ConfigError
 
 try:
@@ -63,6 +68,7 @@ wildcard_constraints:
 
 
 _CASES = {}
+_EXTRA = {}
 
 
 def cases(dataset):
@@ -75,9 +81,36 @@ def cases(dataset):
     return _CASES[dataset]
 
 
+def extra_unlabelled(dataset):
+    """IDs of the data set's extra images without a label (raw.unlabelled_image), cached."""
+    if dataset not in _EXTRA:
+        try:
+            extra = list_unlabelled_cases(dataset, DATASETS[dataset])
+        except RawDataMissing as exc:
+            raise WorkflowError(str(exc)) from None
+        clash = sorted(set(extra) & set(cases(dataset)))
+        if clash:
+            raise WorkflowError(
+                f"data set '{dataset}': extra unlabelled images with the ID of a labelled case: "
+                f"{', '.join(clash[:8])}"
+            )
+        _EXTRA[dataset] = extra
+    return _EXTRA[dataset]
+
+
+def is_extra_unlabelled(dataset, case):
+    return DATASETS[dataset]["raw"].get("unlabelled_image") and case in set(
+        extra_unlabelled(dataset)
+    )
+
+
 def raw_inputs(wildcards):
     """Raw image (and label) path of one case."""
-    image, label = raw_case_paths(DATASETS[wildcards.dataset], wildcards.case)
+    image, label = raw_case_paths(
+        DATASETS[wildcards.dataset],
+        wildcards.case,
+        unlabelled=bool(is_extra_unlabelled(wildcards.dataset, wildcards.case)),
+    )
     inputs = {"image": str(image)}
     if label is not None:
         inputs["label"] = str(label)
@@ -117,15 +150,40 @@ def test_cases(dataset):
 
 
 def preprocessing_params(wildcards):
-    """Exactly what preprocess_case uses: the preprocessing block, classes, label map.
-    Under the clean protocol a test case is cropped without its label."""
+    """Exactly what preprocess_case uses for this case.
+
+    Raw images: the preprocessing block (for an extra unlabelled image, crop_source is its
+    unlabelled_crop_source; under the clean protocol a test case is cropped without its
+    label), classes, label map. Community HDF5 files: the format, the voxel size, classes
+    and label map (the preprocessing block is not applied to them).
+    """
     ds = DATASETS[wildcards.dataset]
-    preprocessing = ds["preprocessing"]
     ev = config["evaluation"]
-    if ev["protocol"] == "clean" and wildcards.case in test_cases(wildcards.dataset):
-        preprocessing = {**preprocessing, "crop_source": ev["test_crop_source"]}
+    if ds["raw"]["format"] == "community_h5":
+        if ev["protocol"] == "clean":
+            raise WorkflowError(
+                f"data set {wildcards.dataset!r}: the community's HDF5 files are already "
+                "cropped around the label, so evaluation.protocol 'clean' cannot apply to "
+                "them; use the 'paper' protocol, or the raw images (raw.format: image)"
+            )
+        return {
+            "format": "community_h5",
+            "spacing": ds["raw"]["spacing"],
+            "classes": ds["classes"],
+            "label_map": ds["label_map"],
+        }
+    pre = dict(ds["preprocessing"])
+    unlabelled_crop = pre.pop("unlabelled_crop_source")
+    if pre["label_orientation"] == "header":
+        del pre["label_orientation_ratio"]  # used by 'auto' only
+    if is_extra_unlabelled(wildcards.dataset, wildcards.case):
+        pre["crop_source"] = unlabelled_crop
+        for key in ("label_orientation", "label_orientation_ratio"):
+            pre.pop(key, None)  # no label to orient
+    elif ev["protocol"] == "clean" and wildcards.case in test_cases(wildcards.dataset):
+        pre["crop_source"] = ev["test_crop_source"]
     return {
-        "preprocessing": preprocessing,
+        "preprocessing": pre,
         "classes": ds["classes"],
         "label_map": ds["label_map"],
     }
@@ -135,7 +193,7 @@ def preprocessed_cases(wildcards):
     return expand(
         f"{RESULTS}/preprocessed/{{dataset}}/{{case}}.h5",
         dataset=wildcards.dataset,
-        case=cases(wildcards.dataset),
+        case=cases(wildcards.dataset) + extra_unlabelled(wildcards.dataset),
     )
 
 
@@ -226,6 +284,7 @@ TRAIN_COMMON = (
     "dropout",
     "seed",
     "amp",
+    "augmentation",
 )
 MEAN_TEACHER = (
     "unlabelled_batch",
@@ -292,7 +351,10 @@ def split_of(dataset, split):
             if k in SPLIT_SELECTION_KEYS
         }
         _SPLITS[key] = split_from_config(
-            cases(dataset), DATASETS[dataset]["split"], selection
+            cases(dataset),
+            DATASETS[dataset]["split"],
+            selection,
+            extra_unlabelled=extra_unlabelled(dataset),
         )
         n_unlabelled = selection.get("max_unlabelled")
         if n_unlabelled is not None and len(_SPLITS[key].unlabelled) < n_unlabelled:
@@ -318,12 +380,13 @@ def stage1_inputs(wildcards):
 
 
 def fully_supervised_inputs(wildcards):
-    """Every training case (those of the data set's first split: the same for all splits)."""
+    """Every training case with a label (those of the data set's first split: the same for
+    all splits; extra unlabelled images excluded)."""
     first = next(iter(DATASETS[wildcards.dataset]["splits"]))
     s = split_of(wildcards.dataset, first)
     return {
         "split": f"{RESULTS}/splits/{wildcards.dataset}/{first}/split.json",
-        "labelled": case_files(wildcards.dataset, s.labelled + s.unlabelled),
+        "labelled": case_files(wildcards.dataset, s.train),
         "unlabelled": [],
     }
 

@@ -17,5 +17,6 @@ rule make_split:
         cases=lambda w: cases(w.dataset),
         split=lambda w: DATASETS[w.dataset]["split"],
         selection=split_selection,
+        extra_unlabelled=lambda w: extra_unlabelled(w.dataset),
     script:
         "../scripts/make_split.py"

@@ -8,6 +8,7 @@ with job(snakemake.log[0], "split") as log:  # noqa: F821
         snakemake.params.cases,  # noqa: F821
         snakemake.params.split,  # noqa: F821
         snakemake.params.selection,  # noqa: F821
+        extra_unlabelled=snakemake.params.extra_unlabelled,  # noqa: F821
     )
     write_split(
         split,

@@ -58,21 +58,25 @@ class Geometry:
         return (rel @ np.linalg.inv(d).T) / np.asarray(self.spacing)
 
 
+def _fmt(values, decimals: int) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.round(np.asarray(values, dtype=np.float64), decimals))
+
+
 def geometry_mismatch(a: Geometry, b: Geometry) -> str | None:
     """Describe how two grids differ beyond tolerance, or return None if they match."""
     if a.size != b.size:
         return f"size {b.size} differs from the image's {a.size}"
     sa, sb = np.asarray(a.spacing), np.asarray(b.spacing)
     if not np.allclose(sa, sb, rtol=SPACING_RTOL, atol=0):
-        return f"spacing {tuple(np.round(sb, 5))} mm differs from the image's {tuple(np.round(sa, 5))} mm"
+        return f"spacing {_fmt(sb, 5)} mm differs from the image's {_fmt(sa, 5)} mm"
     tol = ORIGIN_ATOL_FRACTION * float(min(sa.min(), sb.min()))
     if np.abs(np.asarray(a.origin) - np.asarray(b.origin)).max() > tol:
         return (
-            f"origin {tuple(np.round(b.origin, 3))} mm differs from the image's "
-            f"{tuple(np.round(a.origin, 3))} mm by more than {tol:.3g} mm"
+            f"origin {_fmt(b.origin, 3)} mm differs from the image's "
+            f"{_fmt(a.origin, 3)} mm by more than {tol:.3g} mm"
         )
     if np.abs(np.asarray(a.direction) - np.asarray(b.direction)).max() > DIRECTION_ATOL:
-        return f"direction {tuple(np.round(b.direction, 4))} differs from the image's {tuple(np.round(a.direction, 4))}"
+        return f"direction {_fmt(b.direction, 4)} differs from the image's {_fmt(a.direction, 4)}"
     return None
 
 

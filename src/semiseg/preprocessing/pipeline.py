@@ -12,6 +12,7 @@ at a fraction of the memory.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,13 +25,16 @@ import SimpleITK as sitk
 import semiseg
 from semiseg.errors import CaseError
 from semiseg.io import h5
-from semiseg.io.readers import Geometry, geometry_mismatch, read_image, to_xyz_array
+from semiseg.io.readers import Geometry, from_xyz_array, geometry_mismatch, read_image, to_xyz_array
 from semiseg.preprocessing.cropping import body_mask, bounding_box, expand_box
 from semiseg.preprocessing.intensity import clip_intensity, zscore_
+from semiseg.preprocessing.orientation import DEFAULT_RATIO, choose_label_orientation
 from semiseg.preprocessing.resampling import covering_region, resample_to_grid, subgrid, target_grid
 
 CROP_SOURCES = ("label", "body", "none")
 NORMALISATIONS = ("zscore", "none")
+LABEL_ORIENTATIONS = ("header", "auto")
+log = logging.getLogger("semiseg.preprocessing")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,11 @@ class PreprocessingParams:
     - ``crop_margin``: voxels of the target grid added on each side of the crop source's
       bounding box (clipped to the volume).
     - ``normalisation``: ``zscore`` (over the cropped volume) or ``none``.
+    - ``label_orientation``: ``header`` (the label file's geometry must match the image's,
+      within tolerance) or ``auto`` (the label's voxel array is put on the image's grid in
+      the axis order and flips that fit the image best, its header ignored; see
+      :mod:`semiseg.preprocessing.orientation`), with ``label_orientation_ratio`` the factor
+      by which the best placement must beat every other one.
     """
 
     classes: tuple[str, ...] = ("background", "foreground")
@@ -62,6 +71,8 @@ class PreprocessingParams:
     normalisation: str = "zscore"
     body_threshold: float | None = -500.0
     compression_level: int = 1
+    label_orientation: str = "header"
+    label_orientation_ratio: float = DEFAULT_RATIO
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,6 +82,10 @@ class PreprocessingParams:
             raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
         if self.interpolation not in ("linear", "bspline"):
             raise ValueError(f"interpolation must be 'linear' or 'bspline', got {self.interpolation!r}")
+        if self.label_orientation not in LABEL_ORIENTATIONS:
+            raise ValueError(f"label_orientation must be one of {LABEL_ORIENTATIONS}, got {self.label_orientation!r}")
+        if self.label_orientation_ratio < 1:
+            raise ValueError(f"label_orientation_ratio must be >= 1, got {self.label_orientation_ratio}")
         if len(self.classes) < 2:
             raise ValueError("at least two classes (background and one foreground) are needed")
 
@@ -92,6 +107,8 @@ class PreprocessingParams:
             normalisation=p.get("normalisation", "zscore"),
             body_threshold=p.get("body_threshold", -500.0),
             compression_level=int(p.get("compression_level", 1)),
+            label_orientation=p.get("label_orientation", "header"),
+            label_orientation_ratio=float(p.get("label_orientation_ratio", DEFAULT_RATIO)),
         )
 
     def lookup_table(self) -> dict[int, int]:
@@ -160,16 +177,21 @@ def preprocess_case(
     raw_geom = Geometry.of(image)
 
     label = None
+    orientation: dict[str, Any] = {}
     if label_path is not None:
         label_path = Path(label_path)
         label = read_image(case, label_path, what="label")
-        mismatch = geometry_mismatch(raw_geom, Geometry.of(label))
-        if mismatch:
-            raise CaseError(case, label_path, f"label does not share the image's geometry: {mismatch}")
-        label.CopyInformation(image)  # within tolerance: use the image's exact geometry
+        if params.label_orientation == "header":
+            mismatch = geometry_mismatch(raw_geom, Geometry.of(label))
+            if mismatch:
+                raise CaseError(case, label_path, f"label does not share the image's geometry: {mismatch}")
+            label.CopyInformation(image)  # within tolerance: use the image's exact geometry
+            orientation = {"label_orientation": "header"}
         label = _map_labels(case, label_path, label, params)
         if not np.any(sitk.GetArrayViewFromImage(label)):
             raise CaseError(case, label_path, "label is empty (no foreground voxel) in a labelled case")
+        if params.label_orientation == "auto":
+            label, orientation = _orient_label(case, image, label_path, label, params.label_orientation_ratio)
     elif params.crop_source == "label":
         raise CaseError(case, image_path, "crop_source is 'label' but the case has no label file")
 
@@ -250,6 +272,7 @@ def preprocess_case(
         "preprocessing": _params_record(params),
         "normalisation_mean": norm_mean,
         "normalisation_std": norm_std,
+        **orientation,
     }
     h5.write_case(out_path, image_arr, label_arr, attrs, compression_level=params.compression_level)
     return {
@@ -261,8 +284,42 @@ def preprocess_case(
         "crop_start": box[0],
         "crop_stop": box[1],
         "foreground_fraction": fg_fraction,
+        **orientation,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _orient_label(
+    case: str, image: sitk.Image, label_path: Path, label: sitk.Image, ratio: float
+) -> tuple[sitk.Image, dict[str, Any]]:
+    """Put the (class-mapped) label's voxel array on the image's grid in the best-fitting axis order.
+
+    Returns the label on the image's exact geometry and the record of the choice (also
+    logged; a warning when the label was re-oriented).
+    """
+    raw_geom, label_geom = Geometry.of(image), Geometry.of(label)
+    # (x, y, z) views, no copies: only boxes around the label are read for the decision.
+    label_arr = sitk.GetArrayViewFromImage(label).transpose(2, 1, 0)
+    image_arr = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
+    check = choose_label_orientation(case, label_path, image_arr, label_arr, ratio)
+    oriented = from_xyz_array(check.chosen.apply(label_arr), raw_geom)
+    record = check.record()
+    # The label file's own geometry is not used; say whether it even described the image's grid.
+    record["label_header_mismatch"] = geometry_mismatch(raw_geom, label_geom)
+    scores = ", ".join(f"{s:.4f}" for s in record["label_orientation_scores"])
+    if check.fixed:
+        log.warning(
+            "case %s: %s: label axes re-oriented onto the image grid: %s (boundary score best, next: %s nats)",
+            case, label_path, record["label_orientation"], scores,
+        )
+    else:
+        log.info("case %s: label orientation as stored (boundary score best, next: %s nats)", case, scores)
+    if record["label_header_mismatch"]:
+        log.info(
+            "case %s: %s: label header ignored (its %s); the voxel array was placed on the image grid",
+            case, label_path, record["label_header_mismatch"],
+        )
+    return oriented, record
 
 
 def _params_record(params: PreprocessingParams) -> dict[str, Any]:

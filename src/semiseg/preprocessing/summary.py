@@ -14,7 +14,9 @@ from semiseg.io.h5 import read_attrs
 
 
 def summarise_cases(paths: Sequence[str | Path], out_path: str | Path | None = None) -> pd.DataFrame:
-    """One row per case file: shape, spacing, raw size/spacing, crop box, foreground share.
+    """One row per case file: shape, spacing, raw size/spacing, crop box, foreground share,
+    and how the label was put on the image (``label_orientation``: ``header``, ``as stored``
+    or the re-orientation applied; empty for an unlabelled or converted case).
 
     Writes a TSV atomically when ``out_path`` is given.
     """
@@ -38,6 +40,7 @@ def summarise_cases(paths: Sequence[str | Path], out_path: str | Path | None = N
                 "foreground_fraction": fg,
                 "normalisation_mean": attrs.get("normalisation_mean"),
                 "normalisation_std": attrs.get("normalisation_std"),
+                "label_orientation": attrs.get("label_orientation", ""),
                 "file": str(path),
             }
         )

@@ -33,7 +33,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ from semiseg.losses import (
 )
 from semiseg.networks import SegmentationNet
 from semiseg.prototypes import PrototypeStatistics
-from semiseg.training.data import PatchBatches
+from semiseg.training.data import Augmentation, PatchBatches
 
 STAGE1_METHODS = ("supervised", "fully_supervised", "aua", "aua_bcl")
 STAGE2_METHODS = ("aua_bcl_pl", "full")
@@ -98,6 +98,7 @@ class TrainConfig:
     stage2_init: str = "fresh"
     seed: int = 1337
     amp: bool = True
+    augmentation: Augmentation = field(default_factory=Augmentation)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -118,6 +119,8 @@ class TrainConfig:
         v = dict(values)
         if "patch_size" in v:
             v["patch_size"] = tuple(int(p) for p in v["patch_size"])
+        if "augmentation" in v:
+            v["augmentation"] = Augmentation.from_value(v["augmentation"])
         return cls(**v)
 
     @property
@@ -354,7 +357,10 @@ def train(
         else:
             log.warning("ignoring %s: it was written with other settings", ckpt_path)
 
-    data = PatchBatches(labelled, unlabelled, cfg.patch_size, lb, ub, cfg.seed, cfg.iterations, pseudo=pseudo)
+    data = PatchBatches(
+        labelled, unlabelled, cfg.patch_size, lb, ub, cfg.seed, cfg.iterations, pseudo=pseudo,
+        augmentation=cfg.augmentation,
+    )
     loader = DataLoader(
         data, batch_size=None, sampler=range(start, cfg.iterations), num_workers=num_workers,
         pin_memory=dev.type == "cuda", persistent_workers=False, prefetch_factor=4 if num_workers else None,
