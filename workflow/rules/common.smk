@@ -501,7 +501,7 @@ def scan_counts(wildcards):
     n_l, n_u = len(s.labelled), len(s.unlabelled)
     counts = {m: [n_l, n_u] for m in ABLATION}
     counts["supervised"] = [n_l, 0]
-    counts["fully_supervised"] = [len(f.labelled) + len(f.unlabelled), 0]
+    counts["fully_supervised"] = [len(f.train), 0]  # extra unlabelled images excluded
     return counts
 
 
