@@ -102,3 +102,20 @@ def test_pseudo_quality_and_sweep_plots(tmp_path):
     assert mpimg.imread(tmp_path / "s.png").ndim == 3
     with pytest.raises(ValueError, match="needs columns"):
         sweep_plot(table, "#Unlabeled", tmp_path / "s2.png")
+
+
+def test_training_curves_one_colour_per_run_in_every_panel(tmp_path, monkeypatch):
+    import semiseg.figures as figures
+
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path, dpi: saved.setdefault("fig", fig))
+    it = np.arange(5)
+    a = pd.DataFrame({"iteration": it, "loss": 1.0, "ce_dice": 1.0})
+    b = pd.DataFrame({"iteration": it, "sup_nll": 0.5, "loss": 0.8})
+    training_curves({"A": a, "B": b}, tmp_path / "c.png")
+    colours = {}
+    for ax in saved["fig"].axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(colours) == {"A", "B"} and all(len(c) == 1 for c in colours.values())
+    assert colours["A"] != colours["B"]

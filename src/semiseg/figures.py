@@ -8,6 +8,8 @@ orientation of the preprocessed grid).
 
 from __future__ import annotations
 
+import textwrap
+
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -106,7 +108,7 @@ def qualitative_panel(
         denom = p.sum() + ref.sum()
         d = 2.0 * (p & ref).sum() / denom if denom else 1.0
         ax.imshow(overlay(img, p, ref, colours).transpose(1, 0, 2), interpolation="nearest")
-        ax.set_title(f"{name}\nslice Dice {100 * d:.1f}%", fontsize=9)
+        ax.set_title(f"{textwrap.fill(name, 20)}\nslice Dice {100 * d:.1f}%", fontsize=8)
     for ax in axes:
         ax.set_axis_off()
     handles = [Patch(color=colours[k], label=lab) for k, lab in (("tp", "true positive"), ("fn", "false negative"), ("fp", "false positive"))]
@@ -141,11 +143,13 @@ def training_curves(
     cols = min(3, len(terms))
     rows = -(-len(terms) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=tuple(size), squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {label: cycle[i % len(cycle)] for i, label in enumerate(histories)}  # one per run, in every panel
     for ax, term in zip(axes.flat, terms):
         for label, hist in histories.items():
             if term in hist:
                 y = hist[term].astype(float).rolling(smoothing, min_periods=1, center=True).mean()
-                ax.plot(hist["iteration"], y, label=label, linewidth=1.2)
+                ax.plot(hist["iteration"], y, label=label, linewidth=1.2, color=colour[label])
         ax.set_title(term, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
