@@ -155,6 +155,7 @@ def slurm_run(slurm_cluster, tmp_path_factory):
         "--verbose",  # logs each sbatch command line
         TABLE, RETRIED,
         timeout=900,
+        slurm=True,  # the real scontrol
     )
     seconds = time.monotonic() - start
     log = res.stdout + res.stderr
