@@ -68,7 +68,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     root = Path(a.la)
-    case = a.case or sorted(p.name for p in root.iterdir() if (p / "mri_norm2.h5").exists())[0]
+    case = a.case or min(p.name for p in root.iterdir() if (p / "mri_norm2.h5").exists())
     with h5py.File(root / case / "mri_norm2.h5", "r") as f:
         image = f["image"][...].astype(np.float32)
     dev = resolve_device(a.device)

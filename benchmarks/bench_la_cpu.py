@@ -107,12 +107,12 @@ def main() -> None:
            "--cores", str(a.cores), "--workflow-profile", str(REPO / "workflow/profiles/default"),
            *[str(p.relative_to(work)) for p in metrics.values()]]
     print(" ".join(cmd), flush=True)
-    res = subprocess.run(cmd, cwd=work)
+    res = subprocess.run(cmd, cwd=work, check=False)
     if res.returncode:
         sys.exit(f"workflow failed ({res.returncode}); logs in {work / 'results/logs'}")
     elapsed = time.perf_counter() - t0
     n_l, n_u = a.labelled, len(train) - a.labelled
-    table = ablation_table({k: str(v) for k, v in metrics.items()}, {"supervised": (n_l, 0), "full": (n_l, n_u)}, "voxel",
+    ablation_table({k: str(v) for k, v in metrics.items()}, {"supervised": (n_l, 0), "full": (n_l, n_u)}, "voxel",
                            work / "table.csv", work / "table.md", {"protocol": "paper", "unit": "voxel"})
     print((work / "table.md").read_text(encoding="utf-8"))
     print(f"{len(train)} training ({n_l} labelled), {len(test)} test cases; {a.iterations} iterations a stage, "

@@ -105,7 +105,7 @@ def test_pseudo_quality_and_sweep_plots(tmp_path):
 
 
 def test_training_curves_one_colour_per_run_in_every_panel(tmp_path, monkeypatch):
-    import semiseg.figures as figures
+    from semiseg import figures
 
     saved = {}
     monkeypatch.setattr(figures, "_save", lambda fig, path, dpi: saved.setdefault("fig", fig))

@@ -9,20 +9,19 @@ orientation of the preprocessed grid).
 from __future__ import annotations
 
 import textwrap
-
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.colors import to_rgb  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.colors import to_rgb
+from matplotlib.patches import Patch
 
-from semiseg.io.atomic import atomic_path  # noqa: E402
+from semiseg.io.atomic import atomic_path
 
 #: The paper's colours (Fig. 3 and 4): true positives red, false negatives green,
 #: false positives blue.
