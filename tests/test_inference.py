@@ -91,3 +91,63 @@ def test_prediction_back_in_raw_geometry(tmp_path, direction):
     with pytest.raises(ValueError, match="stored shape"):
         write_prediction_nifti(stored_label[:-1], attrs, tmp_path / "bad.nii.gz")
     assert not (tmp_path / "bad.nii.gz").exists()
+
+
+def _vnet_with_statistics(base_filters=4):
+    """A small V-Net whose batch norms hold non-trivial running statistics and affine parameters."""
+    from semiseg.networks.vnet import SegmentationNet
+
+    torch.manual_seed(0)
+    net = SegmentationNet(in_channels=1, num_classes=2, base_filters=base_filters)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def test_fold_batchnorm_same_function_and_original_unchanged():
+    from semiseg.inference import fold_batchnorm
+
+    net = _vnet_with_statistics()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = fold_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in folded.backbone.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+    x = torch.randn(2, 1, 32, 16, 16)
+    with torch.no_grad():
+        ref, out = net(x, heads=False).logits, folded(x, heads=False).logits
+    assert torch.allclose(ref, out, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_vnet_sliding_window_equals_naive_loop_with_the_unfolded_model():
+    net = _vnet_with_statistics()
+    net.train()  # sliding_window_predict runs an eval-mode copy and leaves this one as it was
+
+    class Logits(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.n = n
+
+        def forward(self, x):
+            return self.n(x, heads=False).logits
+
+    image = np.random.default_rng(2).normal(size=(40, 35, 20)).astype(np.float32)
+    ours = sliding_window_predict(net, image, (32, 16, 16), (10, 7, 3), batch_size=2, device="cpu")
+    assert net.training
+    ref = naive(Logits(net).eval(), image, (32, 16, 16), (10, 7, 3))
+    assert np.allclose(ours, ref, atol=1e-5)
+    assert np.array_equal(ours.argmax(0), ref.argmax(0))
+
+
+def test_amp_close_to_float32():
+    net = _vnet_with_statistics()
+    image = np.random.default_rng(3).normal(size=(32, 16, 16)).astype(np.float32)
+    exact = sliding_window_predict(net, image, (32, 16, 16), (8, 8, 8), device="cpu")
+    fast = sliding_window_predict(net, image, (32, 16, 16), (8, 8, 8), device="cpu", amp=True)
+    assert fast.dtype == np.float32 and fast.shape == exact.shape
+    assert np.abs(fast - exact).max() < 0.05
+    assert np.allclose(fast.sum(0), 1, atol=1e-5)

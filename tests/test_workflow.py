@@ -291,9 +291,10 @@ def test_micro_table(micro_run):
     [
         (lambda c: c["evaluation"].update(empty_policy="nan"), {"case_metrics": 6, "ablation_table": 1}),
         (lambda c: c["evaluation"].update(weighting="gaussian"), {"predict_case": 6, "case_metrics": 6, "ablation_table": 1}),
+        (lambda c: c["evaluation"].update(amp=True), {"predict_case": 6, "case_metrics": 6, "ablation_table": 1}),
         (lambda c: c["evaluation"].update(batch_size=1), {}),
     ],
-    ids=["empty_policy", "weighting", "runtime_batch"],
+    ids=["empty_policy", "weighting", "amp", "runtime_batch"],
 )
 def test_evaluation_settings_rerun_only_evaluation(micro_run, change, expected):
     cfg = micro_config()

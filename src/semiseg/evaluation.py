@@ -36,23 +36,25 @@ def predict_case(
     weighting: str = "uniform",
     device: str = "auto",
     batch_size: int = 2,
+    amp: bool = False,
 ) -> dict:
     """Predict one preprocessed case; write the label in the preprocessed grid (HDF5) and,
     with ``out_nifti``, as NIfTI in the raw scan's geometry.
 
     ``weights`` (``student`` / ``teacher``) applies to mean-teacher models; the other
-    models have student weights only, which are then used.
+    models have student weights only, which are then used. ``amp``: see
+    :func:`semiseg.inference.sliding_window_predict`.
     """
     try:
-        probs = predict_probabilities(model_path, case_path, patch_size, stride, weights, weighting, device, batch_size)
+        probs = predict_probabilities(model_path, case_path, patch_size, stride, weights, weighting, device, batch_size, amp)
     except ValueError:  # no teacher in this model: its student
         if weights != "teacher":
             raise
-        probs = predict_probabilities(model_path, case_path, patch_size, stride, "student", weighting, device, batch_size)
+        probs = predict_probabilities(model_path, case_path, patch_size, stride, "student", weighting, device, batch_size, amp)
     label = probs.argmax(0).astype(np.uint8)
     with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("label", data=label, chunks=tuple(min(32, n) for n in label.shape), compression="gzip", compression_opts=1)
-        f.attrs.update({"model_path": str(model_path), "case_path": str(case_path), "weights": weights, "weighting": weighting})
+        f.attrs.update({"model_path": str(model_path), "case_path": str(case_path), "weights": weights, "weighting": weighting, "amp": bool(amp)})
     if out_nifti is not None:
         from semiseg.io.h5 import read_attrs
 

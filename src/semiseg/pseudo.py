@@ -44,13 +44,15 @@ def predict_probabilities(
     weighting: str = "uniform",
     device: str = "auto",
     batch_size: int = 2,
+    amp: bool = False,
 ) -> np.ndarray:
-    """Class probabilities (C, X, Y, Z) of one preprocessed case under a trained model file."""
+    """Class probabilities (C, X, Y, Z) of one preprocessed case under a trained model file
+    (:func:`semiseg.inference.sliding_window_predict`)."""
     dev = resolve_device(device)
     model = load_model(model_path, weights, str(dev))
     with h5py.File(case_path, "r") as f:
         image = f["image"][...]
-    return sliding_window_predict(model, image, patch_size, stride, batch_size=batch_size, weighting=weighting, device=dev)
+    return sliding_window_predict(model, image, patch_size, stride, batch_size=batch_size, weighting=weighting, device=dev, amp=amp)
 
 
 def write_pseudo_label(

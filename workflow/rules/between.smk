@@ -13,7 +13,7 @@ rule pseudo_label:
         f"{RESULTS}/logs/pseudo/{{dataset}}_{{split}}/{{case}}.log",
     conda:
         "../../envs/semiseg.yaml"
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
     params:

@@ -13,7 +13,7 @@ rule predict_case:
         f"{RESULTS}/logs/predict/{{dataset}}_{{split}}/{{model}}/{{case}}.log",
     conda:
         "../../envs/semiseg.yaml"
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
     params:
@@ -21,6 +21,7 @@ rule predict_case:
         stride=lambda w: DATASETS[w.dataset]["stride"],
         weights=config["evaluation"]["weights"],
         weighting=config["evaluation"]["weighting"],
+        amp=config["evaluation"]["amp"],
     script:
         "../scripts/predict_case.py"
 

@@ -17,6 +17,7 @@ with job(snakemake.log[0], "predict") as log:  # noqa: F821
         stride=p.stride,
         weights=p.weights,
         weighting=p.weighting,
+        amp=p.amp,
         device=snakemake.config["device"],  # noqa: F821
         batch_size=snakemake.config["evaluation"]["batch_size"],  # noqa: F821
     )
