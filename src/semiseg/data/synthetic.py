@@ -5,7 +5,8 @@ elliptic body with subcutaneous fat, an abdominal muscle wall, visceral fat, liv
 spleen, two kidneys, a vertebral body with cortical bone, the aorta, bowel loops with gas
 pockets and a duodenum-like loop, and the target: an elongated, curved, lobulated
 soft-tissue tube (head near the duodenum, tail near the spleen) whose enhancement is close
-to that of the bowel and duodenum next to it. Scanner blur and noise are added. Voxel
+to that of the bowel and duodenum next to it, and which a thin fat plane separates from the
+solid organs (liver, spleen, kidneys). Scanner blur and noise are added. Voxel
 spacing is anisotropic (in-plane < 1 mm, slices 1.5-3 mm), and size, position, shape and
 origin vary from case to case. All anatomy is defined in millimetres, so it does not
 depend on the sampling grid.
@@ -56,6 +57,9 @@ class SyntheticParams:
     target_radius_head: tuple[float, float] = (9.5, 12.5)
     target_radius_tail: tuple[float, float] = (5.5, 7.0)
     target_offset_hu: tuple[float, float] = (8.0, 20.0)
+    #: Thickness of the fat plane that separates the target from the liver, spleen and
+    #: kidneys (not from the bowel and duodenum, which touch it); 0 disables it.
+    target_fat_plane_mm: tuple[float, float] = (1.5, 3.0)
     noise_sd: tuple[float, float] = (8.0, 18.0)
     blur_sd_mm: float = 0.6
 
@@ -225,7 +229,13 @@ def generate_case(seed: int, index: int, params: SyntheticParams | None = None) 
     ]
     for mask, tissue in order:
         img[mask & ~vert] = hu[tissue]
-    target &= ~(liver | spleen | kidneys)
+    plane = u(*p.target_fat_plane_mm)
+    if plane > 0:
+        # Peri-pancreatic fat: the target displaces the solid organs behind a fat plane.
+        halo = _tube(X, Y, Z, pts, radii + plane, texture, 0.10) & cavity & ~vert & ~aorta
+        img[halo & ~target & (liver | spleen | kidneys)] = hu["fat"]
+    else:
+        target &= ~(liver | spleen | kidneys)
     img[target] = hu["target"]
 
     # Tissue texture, scanner blur (PSF) and noise.
