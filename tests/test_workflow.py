@@ -338,7 +338,7 @@ def test_micro_sweep_tables(micro_run):
     md = (micro_run / "results/tables/demo_5pct_lambda_c.md").read_text(encoding="utf-8")
     assert md.startswith("Evaluation protocol: **paper** (the field's protocol behind the paper's tables: test cases "
                          "cropped around their ground-truth box before inference). Settings: test_crop = the data set's "
-                         "crop_source, unit = voxel, empty_policy = zero, weights = student, weighting = uniform.")
+                         "crop_source, unit = voxel, empty_policy = worst, weights = student, weighting = uniform.")
 
 
 def test_unknown_sweep_variant_and_too_many_unlabelled_fail_clearly(micro_run):
@@ -372,16 +372,17 @@ NEW_SWEEP_RUN = {"make_split": 1, "train_stage1": 1, "pseudo_label": 2, "prototy
         (lambda c: c["figures"]["pseudo_quality"].update(size=[4, 2]), [TABLE, *FIGURES, *SWEEPS],
          {"figure_pseudo_quality": 1}),
         (lambda c: c["figures"]["sweeps"].update(dpi=90), [TABLE, *FIGURES, *SWEEPS], {"figure_sweep": 2}),
-        (lambda c: c["evaluation"].update(empty_policy="worst"), [TABLE, *FIGURES, *SWEEPS],
+        (lambda c: c["evaluation"].update(empty_policy="zero"), [TABLE, *FIGURES, *SWEEPS],
          {"case_metrics": 6 + 2, "ablation_table": 1, "sweep_table": 2, "figure_sweep": 2}),
-        (lambda c: c["evaluation"].update(empty_policy="zero"), [TABLE, *FIGURES, *SWEEPS], {}),  # = the protocol's
+        (lambda c: c["evaluation"].update(empty_policy=None), [TABLE, *FIGURES, *SWEEPS],  # the paper protocol's: zero
+         {"case_metrics": 6 + 2, "ablation_table": 1, "sweep_table": 2, "figure_sweep": 2}),
         (lambda c: c["evaluation"].update(protocol="clean"), [TABLE, *FIGURES],
          {"preprocess_case": 1, "predict_case": 6, "case_metrics": 6, "ablation_table": 1, "figure_qualitative": 1}),
         (lambda c: c["datasets"]["demo"]["splits"]["5pct"]["sweep"].update(lambda_c=[0.01, 0.05, 0.2]),
          [TABLE, *FIGURES, *SWEEPS], {**NEW_SWEEP_RUN, "sweep_table": 1, "figure_sweep": 1}),
     ],
     ids=["lambda_c", "qualitative_dpi", "qualitative_slice", "curves_smoothing", "pseudo_size", "sweep_dpi",
-         "empty_policy", "empty_policy_as_protocol", "protocol_clean", "sweep_values"],
+         "empty_policy_zero", "empty_policy_protocol", "protocol_clean", "sweep_values"],
 )
 def test_change_one_value_rebuilds_tables_and_figures(micro_run, change, targets, expected):
     cfg = micro_config()
