@@ -12,12 +12,16 @@ import copy
 import itertools
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
+from semiseg.precision import autocast as amp_autocast
 from semiseg.training.engine import resolve_device
+
+if TYPE_CHECKING:  # SimpleITK is imported where it is used: GPU machines may lack it
+    import SimpleITK as sitk
 
 
 def window_starts(size: int, patch: int, stride: int) -> list[int]:
@@ -106,6 +110,7 @@ def sliding_window_predict(
     weighting: str = "uniform",
     device: str | torch.device = "auto",
     amp: bool = False,
+    amp_dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """Class probabilities (C, X, Y, Z) float32 of a whole (X, Y, Z) volume.
 
@@ -116,7 +121,10 @@ def sliding_window_predict(
     weights accumulate on ``device``, or on the CPU when the volume does not fit there.
     ``amp=True`` runs the network under autocast (bfloat16 on the CPU, float16 on CUDA):
     faster, but probabilities differ from float32 by about 1e-2 and voxels near p = 0.5 may
-    change class, so the pipeline's evaluation leaves it off by default.
+    change class, so the pipeline's evaluation leaves it off by default. ``amp_dtype``
+    overrides the autocast dtype (the tests run float16 on the CPU to emulate CUDA).
+    Whatever the network's precision, the softmax and the accumulators (probability sums
+    and weights, (C, X, Y, Z) and (X, Y, Z)) are float32.
     """
     if weighting not in ("uniform", "gaussian"):
         raise ValueError(f"weighting must be 'uniform' or 'gaussian', got {weighting!r}")
@@ -134,7 +142,7 @@ def sliding_window_predict(
     weight = gaussian_weights(patch) if weighting == "gaussian" else torch.ones(patch)
 
     net, fmt = inference_model(model, dev)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16 if dev.type == "cpu" else torch.float16, enabled=amp)
+    autocast = amp_autocast(dev, enabled=amp, dtype=amp_dtype)
     acc_dev = dev
     probs = counts = None
     with torch.inference_mode():
@@ -170,6 +178,8 @@ def to_raw_geometry(label: np.ndarray, attrs: dict) -> sitk.Image:
     neighbour, so the result overlays on the original scan (ITK-SNAP, 3D Slicer): its size,
     spacing, origin and direction are the raw image's.
     """
+    import SimpleITK as sitk
+
     from semiseg.io.h5 import CaseGeometry
     from semiseg.io.readers import from_xyz_array
 
@@ -187,6 +197,8 @@ def to_raw_geometry(label: np.ndarray, attrs: dict) -> sitk.Image:
 
 def write_prediction_nifti(label: np.ndarray, attrs: dict, path) -> None:
     """Write a stored-grid label map as NIfTI in the raw image's geometry, atomically."""
+    import SimpleITK as sitk
+
     from semiseg.io.atomic import atomic_path
 
     with atomic_path(path) as tmp:

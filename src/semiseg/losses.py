@@ -4,6 +4,10 @@ Shapes: ``B`` batch, ``C`` classes, ``S`` Monte-Carlo samples, ``(X, Y, Z)`` a c
 its voxel count, ``N`` sampled voxels, ``F`` feature channels. Every loss is finite on crops
 with no foreground or no boundary voxel (the released code divided by zero there).
 Equation numbers are the paper's.
+
+Mixed precision: every loss runs with autocast off and its inputs cast up to float32
+(:mod:`semiseg.precision`), so its sums over voxels, samples and anchors never run in
+float16 (a crop of the paper's patch has ~10^6 voxels; float16 ends at 65504).
 """
 
 from __future__ import annotations
@@ -14,14 +18,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from semiseg.precision import at_least_float32, full_precision, full_precision_op
+
 DICE_EPS = 1e-5
 
 
-def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
-    """Half precision (AMP) up to float32; float32 and float64 unchanged."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
+@full_precision_op
 def mc_integral_nll(logit_samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Monte-Carlo integral negative log-likelihood (Eq. 3-4), per voxel.
 
@@ -34,7 +36,7 @@ def mc_integral_nll(logit_samples: torch.Tensor, target: torch.Tensor) -> torch.
     s, b = logit_samples.shape[:2]
     if target.shape != (b, *logit_samples.shape[3:]):
         raise ValueError(f"target shape {tuple(target.shape)} does not match logit samples {tuple(logit_samples.shape)}")
-    logp = F.log_softmax(_at_least_f32(logit_samples), dim=2)
+    logp = F.log_softmax(logit_samples, dim=2)
     index = target.long().unsqueeze(0).unsqueeze(2).expand(s, b, 1, *target.shape[1:])
     per_sample = logp.gather(2, index).flatten(2).sum(-1)  # (S, B): log p(y | g_s)
     voxels = math.prod(target.shape[1:])
@@ -55,6 +57,7 @@ def _pairwise_dice_distance(p: torch.Tensor, q: torch.Tensor, eps: float = DICE_
     return 1 - ratio.mean(-1)
 
 
+@full_precision_op
 def generalized_energy_distance(student_probs: torch.Tensor, teacher_probs: torch.Tensor, eps: float = DICE_EPS) -> torch.Tensor:
     """Generalised energy distance between student and teacher samples (Eq. 6-7).
 
@@ -65,8 +68,8 @@ def generalized_energy_distance(student_probs: torch.Tensor, teacher_probs: torc
     """
     if student_probs.ndim != 6 or teacher_probs.shape[1:] != student_probs.shape[1:]:
         raise ValueError(f"expected two (S, B, C, X, Y, Z) tensors, got {tuple(student_probs.shape)} and {tuple(teacher_probs.shape)}")
-    p = _at_least_f32(student_probs).flatten(3)
-    q = _at_least_f32(teacher_probs).flatten(3)
+    p = student_probs.flatten(3)
+    q = teacher_probs.flatten(3)
     cross = _pairwise_dice_distance(p, q, eps).mean((0, 1))
     ss = _pairwise_dice_distance(p, p, eps).mean((0, 1))
     tt = _pairwise_dice_distance(q, q, eps).mean((0, 1))
@@ -93,13 +96,20 @@ class _LogSumExpOthers(torch.autograd.Function):
 
     Never holds the N x N similarity matrix: forward and backward recompute one block of
     rows at a time (the backward from the saved ``lse``), so memory is O(block x N) and
-    the work stays in cache; the gradient is exact.
+    the work stays in cache; the gradient is exact. Forward and backward both run with
+    autocast off, in the dtype of ``f`` (float32 from :func:`supervised_contrastive_loss`):
+    a float16 forward with a float32 backward would differentiate another function.
     """
 
     BLOCK = 256
 
     @staticmethod
     def forward(ctx, f: torch.Tensor, temperature: float) -> torch.Tensor:
+        with full_precision():
+            return _LogSumExpOthers._forward(ctx, f, temperature)
+
+    @staticmethod
+    def _forward(ctx, f: torch.Tensor, temperature: float) -> torch.Tensor:
         n = f.shape[0]
         lse = torch.empty(n, dtype=f.dtype, device=f.device)
         for i0 in range(0, n, _LogSumExpOthers.BLOCK):
@@ -113,6 +123,11 @@ class _LogSumExpOthers(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        with full_precision():
+            return _LogSumExpOthers._backward(ctx, grad.to(ctx.saved_tensors[0].dtype))
+
+    @staticmethod
+    def _backward(ctx, grad: torch.Tensor):
         f, lse = ctx.saved_tensors
         t = ctx.temperature
         n = f.shape[0]
@@ -127,6 +142,7 @@ class _LogSumExpOthers(torch.autograd.Function):
         return grad_f, None
 
 
+@full_precision_op
 def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
     """Supervised contrastive loss (Eq. 10).
 
@@ -140,7 +156,7 @@ def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, te
         raise ValueError(f"expected features (N, F) and labels (N,), got {tuple(features.shape)} and {tuple(labels.shape)}")
     if n < 2:
         return features.sum() * 0.0
-    f = _at_least_f32(features)
+    f = features
     labels = labels.long()
     # Only the denominator needs the N x N similarities. The positives' numerator sums
     # through per-class feature sums: sum_{p in P(i)} f_i.f_p = f_i.(S_{y_i} - f_i).
@@ -188,7 +204,8 @@ def boundary_contrastive_loss(
     replacement, with ``generator``); each sampled row is one voxel's F-vector (indexing the
     channels-last tensor, not the released code's channel-mixing view). The supervised
     contrastive loss is averaged over the crops that have any band voxel; 0 (keeping the
-    graph) when none has.
+    graph) when none has. Runs with autocast off: the sampled rows, the projection head on
+    them and the loss are float32 whatever the features' dtype.
 
     ``projection``: optional map of (n, F) rows to (n, P) unit-norm embeddings, applied to
     the sampled rows of all crops together; ``features`` are then the pre-projection
@@ -200,15 +217,18 @@ def boundary_contrastive_loss(
     crops = [b for b, idx in enumerate(picked) if idx.numel() > 0]
     if not crops:
         return features.sum() * 0.0
-    # (n, F) rows: voxel v's embedding is column v of the (F, X*Y*Z) view.
-    rows = [features[b].flatten(1).T[picked[b]] for b in crops]
-    if projection is not None:
-        sizes = [r.shape[0] for r in rows]
-        rows = list(torch.split(projection(torch.cat(rows)), sizes))
-    losses = [supervised_contrastive_loss(r, labels[b].flatten()[picked[b]], temperature) for b, r in zip(crops, rows, strict=True)]
-    return torch.stack(losses).mean()
+    with full_precision():
+        # (n, F) rows: voxel v's embedding is column v of the (F, X*Y*Z) view; only the
+        # sampled rows are cast up to float32, not the whole feature map.
+        rows = [at_least_float32(features[b].flatten(1).T[picked[b]]) for b in crops]
+        if projection is not None:
+            sizes = [r.shape[0] for r in rows]
+            rows = list(torch.split(at_least_float32(projection(torch.cat(rows))), sizes))
+        losses = [supervised_contrastive_loss(r, labels[b].flatten()[picked[b]], temperature) for b, r in zip(crops, rows, strict=True)]
+        return torch.stack(losses).mean()
 
 
+@full_precision_op
 def prototype_contrastive_loss(
     features: torch.Tensor, labels: torch.Tensor, means: torch.Tensor, covs: torch.Tensor, tau: float = 100.0
 ) -> torch.Tensor:
@@ -229,7 +249,7 @@ def prototype_contrastive_loss(
         )
     if n == 0:
         return features.sum() * 0.0
-    f = _at_least_f32(features)
+    f = features
     mu = means.to(f.dtype)
     sigma = covs.to(f.dtype)
     lin = f @ mu.T / tau  # (N, C)
@@ -239,6 +259,7 @@ def prototype_contrastive_loss(
     return (torch.logsumexp(logits, dim=1) - own).mean()
 
 
+@full_precision_op
 def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = DICE_EPS, include_background: bool = False) -> torch.Tensor:
     """Soft Dice loss (V-Net form), ``1 - mean_c (2 sum p_c y_c + eps) / (sum p_c^2 + sum y_c^2 + eps)``.
 
@@ -257,9 +278,9 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = DICE_
     return 1 - dice.mean()
 
 
+@full_precision_op
 def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Average of cross-entropy and soft Dice (Eq. 15's L_sup_ced); logits (B, C, X, Y, Z)."""
-    logits = _at_least_f32(logits)
     return 0.5 * (F.cross_entropy(logits, target.long()) + soft_dice_loss(torch.softmax(logits, 1), target))
 
 

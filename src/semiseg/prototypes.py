@@ -2,7 +2,7 @@
 
 ``update`` merges a chunk's count, mean and (population) covariance into the running ones:
 ``mu = (N mu + n m) / (N + n)``, ``Sigma = (N Sigma + n S) / (N + n) + N n (mu - m)(mu - m)^T / (N + n)^2``,
-accumulated in float64, so streaming any number of chunks gives the statistics of all the
+accumulated in float64 (with autocast off), so streaming any number of chunks gives the statistics of all the
 features together, in memory independent of the volume size.
 """
 
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from semiseg.io.atomic import atomic_path
+from semiseg.precision import full_precision
 
 
 class PrototypeStatistics:
@@ -34,6 +35,10 @@ class PrototypeStatistics:
         y = torch.as_tensor(labels).detach().to("cpu").long().reshape(-1)
         if f.ndim != 2 or f.shape[1] != self.feature_dim or f.shape[0] != y.shape[0]:
             raise ValueError(f"expected features (N, {self.feature_dim}) and labels (N,), got {tuple(f.shape)} and {tuple(y.shape)}")
+        with full_precision():  # float64 throughout, also under AMP
+            self._merge(f, y)
+
+    def _merge(self, f: torch.Tensor, y: torch.Tensor) -> None:
         for c in range(self.num_classes):
             fc = f[y == c]
             n = fc.shape[0]

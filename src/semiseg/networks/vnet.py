@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.distributions import LowRankMultivariateNormal
 
+from semiseg.precision import full_precision
+
 
 def _conv_block(n_convs: int, cin: int, cout: int) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -113,6 +115,10 @@ class AleatoricHead(nn.Module):
         """
         if num_samples < 2 or num_samples % 2:
             raise ValueError(f"antithetic sampling needs an even number of samples >= 2, got {num_samples}")
+        with full_precision():  # float32 samples under AMP, as the losses that take them
+            return self._sample(mean, factor, diag, num_samples)
+
+    def _sample(self, mean: torch.Tensor, factor: torch.Tensor, diag: torch.Tensor, num_samples: int) -> torch.Tensor:
         b, c, r = mean.shape[0], self.num_classes, self.rank
         loc = mean.float().reshape(b, c, -1)  # (B, C, V)
         w = factor.float().reshape(b, c, r, -1)  # (B, C, r, V): W[b, c*V + v, k] = w[b, c, k, v]
@@ -137,7 +143,7 @@ class ProjectionHead(nn.Module):
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        z = self.net(features)
+        z = self.net(features).float()  # float32 under AMP: a float16 sum of squares can overflow
         # Unit L2 norm over channels (as F.normalize, eps 1e-12), in fewer passes over memory.
         return z * torch.rsqrt((z * z).sum(1, keepdim=True).clamp_min(1e-24))
 

@@ -54,6 +54,7 @@ from semiseg.losses import (
     soft_dice_loss,
 )
 from semiseg.networks import SegmentationNet
+from semiseg.precision import autocast
 from semiseg.prototypes import PrototypeStatistics
 from semiseg.training.data import Augmentation, PatchBatches
 
@@ -383,7 +384,7 @@ def train(
         batch = next(it)
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         t1 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
+        with autocast(dev, enabled=use_amp):  # float16 on CUDA; losses and statistics stay float32
             loss, terms = step_fn(batch, t)
         optimizer_step(loss, opt, scaler)
         lr = opt.param_groups[0]["lr"]
