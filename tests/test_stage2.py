@@ -59,7 +59,7 @@ def test_pseudo_label_artifact(tiny_cases, stage1, artifacts, tmp_path):  # noqa
     with h5py.File(pseudo[0], "r") as a, h5py.File(again, "r") as b:
         assert np.array_equal(a["label"][...], b["label"][...])
     # A changed model invalidates it.
-    blob = torch.load(stage1, weights_only=False)
+    blob = torch.load(stage1, weights_only=True)
     first = next(iter(blob["student"]))
     blob["student"][first] = blob["student"][first] + 1
     changed = tmp_path / "changed.pt"
@@ -111,7 +111,7 @@ def test_stage2_trains(tiny_cases, artifacts, tmp_path, method):  # noqa: F811
     cfg = TrainConfig(method=method, lambda_r=0.1 if method == "full" else 0.0, **TINY)
     path = train(cfg, lab, unl, tmp_path, device="cpu", progress=False, pseudo=pseudo,
                  prototypes=protos if method == "full" else None, checkpoint_every=2)
-    blob = torch.load(path, weights_only=False)
+    blob = torch.load(path, weights_only=True)
     assert blob["stage"] == 2 and blob["teacher"] is None
     rows = list(csv.DictReader(open(tmp_path / "losses.csv", encoding="utf-8")))
     assert len(rows) == cfg.iterations and all(np.isfinite(float(r["loss"])) for r in rows)
@@ -137,7 +137,7 @@ def test_stage2_resume_equals_uninterrupted(tiny_cases, artifacts, tmp_path):  #
     with pytest.raises(KeyboardInterrupt):
         train(cfg, lab, unl, tmp_path / "b", callback=stop, **kw)
     train(cfg, lab, unl, tmp_path / "b", **kw)
-    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=False) for d in "ab")
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in "ab")
     assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
     assert all(torch.equal(a["prototypes"][k], b["prototypes"][k]) for k in a["prototypes"])
 

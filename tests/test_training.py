@@ -89,7 +89,7 @@ def test_step_is_finite_on_empty_foreground():
 
 
 def _weights(path):
-    blob = torch.load(path, weights_only=False)
+    blob = torch.load(path, weights_only=True)
     return blob["student"], blob["teacher"]
 
 
@@ -155,7 +155,7 @@ def test_every_variant_trains_end_to_end(tiny_cases, tmp_path, method):
 def test_load_model_is_strict(tiny_cases, tmp_path):
     lab, unl = tiny_cases
     path = train(TrainConfig(method="supervised", **{**TINY, "iterations": 1}), lab, unl, tmp_path, device="cpu", progress=False)
-    blob = torch.load(path, weights_only=False)
+    blob = torch.load(path, weights_only=True)
     blob["student"].pop(next(iter(blob["student"])))
     torch.save(blob, tmp_path / "broken.pt")
     with pytest.raises(RuntimeError, match="Missing key"):

@@ -164,7 +164,13 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float)
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG state, as tensors and plain Python values (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(), "python": random.getstate(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -172,10 +178,34 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_torch_file(path: str | Path, device: str | torch.device = "cpu", what: str = "model") -> dict[str, Any]:
+    """Read a semiseg model, checkpoint or snapshot file with ``torch.load(weights_only=True)``.
+
+    Such a file holds tensors and plain containers only, so loading it never runs code. A
+    file that is not one (another pickle, an older format with NumPy objects, not a PyTorch
+    file at all) raises ``ValueError`` with one line naming the file; a missing file raises
+    ``FileNotFoundError``.
+    """
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # UnpicklingError, RuntimeError (not a zip archive), EOFError, ...
+        raise ValueError(
+            f"{path}: not a semiseg {what} file (it is not a PyTorch file of tensors and plain containers: "
+            f"{type(exc).__name__})"
+        ) from None
+    if not isinstance(blob, dict):
+        raise ValueError(f"{path}: not a semiseg {what} file (it holds a {type(blob).__name__}, not a dict)")
+    return blob
 
 
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
@@ -342,7 +372,11 @@ def train(
 
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        try:
+            ckpt = read_torch_file(ckpt_path, dev, "checkpoint")
+        except ValueError as exc:  # e.g. written by an older version (NumPy objects inside)
+            log.warning("ignoring %s", exc)
+            ckpt = {}
         if ckpt.get("fingerprint") == cfg.fingerprint():
             student.load_state_dict(ckpt["student"])
             if teacher is not None:
@@ -355,7 +389,7 @@ def train(
             if stats is not None:
                 stats.load_state_dict(ckpt["prototypes"])
             log.info("resuming from %s at iteration %d", ckpt_path, start)
-        else:
+        elif ckpt:
             log.warning("ignoring %s: it was written with other settings", ckpt_path)
 
     data = PatchBatches(
@@ -462,10 +496,13 @@ def write_history(history: list[dict[str, float]], path: str | Path) -> None:
 
 
 def load_model(path: str | Path, weights: str = "student", device: str = "cpu") -> SegmentationNet:
-    """Load a trained model file; ``weights``: ``student`` or ``teacher``. Strict key matching."""
-    blob = torch.load(path, map_location=device, weights_only=False)
+    """Load a trained model file; ``weights``: ``student`` or ``teacher``. Strict key matching.
+
+    The file is read with ``weights_only=True`` (:func:`read_torch_file`): it never runs code.
+    """
+    blob = read_torch_file(path, device, "model")
     if blob.get("format") != "semiseg-model-1":
-        raise ValueError(f"{path}: not a semiseg model file")
+        raise ValueError(f"{path}: not a semiseg model file (no 'format: semiseg-model-1' entry)")
     state = blob[weights]
     if state is None:
         raise ValueError(f"{path}: has no {weights} weights (method {blob['method']})")
