@@ -37,6 +37,28 @@ def test_shapes_and_input_check():
         plain.project(o.features)
 
 
+def test_decoder_features_are_taken_before_the_last_dropout():
+    """``decoder_features`` is the last decoder block's output; ``features`` the same after the
+    last Dropout3d (whole channels zeroed, the rest scaled by 1 / (1 - p)) in training, and
+    equal to it in eval mode."""
+    torch.manual_seed(0)
+    net = SegmentationNet(base_filters=4, dropout=0.5, aleatoric=False, projection=False).train()
+    seen = []
+    net.backbone.dec9.register_forward_hook(lambda module, args, output: seen.append(output.detach().clone()))
+    x = torch.randn(2, 1, 16, 16, 16)
+    out = net(x)
+    assert torch.equal(out.decoder_features, seen[-1])
+    dropped = out.features.flatten(2).abs().amax(-1) == 0  # (B, w) channels zeroed by the dropout
+    assert dropped.any() and not dropped.all()
+    kept = (~dropped)[..., None, None, None].float()
+    assert torch.allclose(out.features, 2 * out.decoder_features * kept)
+    assert torch.allclose(out.logits, net.seg_head(out.features))  # the head sees the dropped-out features
+    net.eval()
+    with torch.no_grad():
+        ev = net(x)
+    assert torch.equal(ev.features, ev.decoder_features)
+
+
 def test_antithetic_samples():
     torch.manual_seed(0)
     net = SegmentationNet(base_filters=4, rank=3)

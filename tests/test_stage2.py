@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from semiseg.prototypes import PrototypeStatistics
 from semiseg.pseudo import (
@@ -17,7 +18,8 @@ from semiseg.pseudo import (
     pseudo_label_quality,
     write_pseudo_label,
 )
-from semiseg.training.engine import TrainConfig, load_model, train
+from semiseg.training import engine
+from semiseg.training.engine import Stage2Step, TrainConfig, build_model, load_model, train
 from tests.test_training import TINY, tiny_cases  # noqa: F401  (fixture)
 
 
@@ -182,3 +184,50 @@ def test_prototype_dimension_must_fit_stage2(tiny_cases, artifacts, tmp_path):  
     cfg = TrainConfig(method="full", lambda_r=0.1, **{**TINY, "base_filters": 4})
     with pytest.raises(ValueError, match="do not fit"):
         train(cfg, lab, unl, tmp_path, device="cpu", progress=False, pseudo=pseudo, prototypes=protos)
+
+
+def stage2_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two labelled and two pseudo-labelled 16^3 crops; the last pseudo label is empty."""
+    g = torch.Generator().manual_seed(seed)
+    x, y, z = torch.meshgrid(*(torch.arange(16),) * 3, indexing="ij")
+    ball = (((x - 8) ** 2 + (y - 7) ** 2 + (z - 8) ** 2) <= 16).long()
+    label_l = torch.stack([ball, torch.roll(ball, 3, 0)])
+    label_u = torch.stack([torch.roll(ball, -2, 1), torch.zeros_like(ball)])
+
+    def image(lab):
+        return (2.0 * lab + torch.randn(lab.shape, generator=g))[:, None]
+
+    return {"image_l": image(label_l), "label_l": label_l, "image_u": image(label_u), "label_u": label_u}
+
+
+def some_prototypes(dim: int, seed: int = 0) -> PrototypeStatistics:
+    g = torch.Generator().manual_seed(seed)
+    stats = PrototypeStatistics(2, dim)
+    stats.update(F.normalize(torch.rand(200, dim, generator=g), dim=1), torch.arange(200) % 2)
+    return stats
+
+
+def test_pcl_anchors_and_prototype_update_use_the_features_before_dropout(monkeypatch):
+    """In training mode (dropout on) PCL's anchors and the prototype update take the last
+    decoder block's output before the last Dropout3d, the kind of feature the prototypes
+    were estimated from (eval mode, no dropout), not the dropped-out features the head sees."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(method="full", lambda_r=0.1, **{**TINY, "base_filters": 4, "dropout": 0.5})
+    student = build_model(cfg).train()
+    stats = some_prototypes(4)
+    decoded, head_input, anchors, updates = [], [], [], []
+    student.backbone.dec9.register_forward_hook(lambda m, args, out: decoded.append(out.detach().clone()))
+    student.seg_head.register_forward_hook(lambda m, args, out: head_input.append(args[0].detach().clone()))
+    pcl = engine.prototype_contrastive_loss
+    monkeypatch.setattr(engine, "prototype_contrastive_loss", lambda f, *a, **k: anchors.append(f.detach()) or pcl(f, *a, **k))
+    update = stats.update
+    monkeypatch.setattr(stats, "update", lambda f, y: updates.append(f.detach()) or update(f, y))
+    batch = stage2_batch()
+    Stage2Step(cfg, student, stats)(batch, 0)
+
+    y = torch.cat([batch["label_l"], batch["label_u"]])
+    dec = decoded[-1].movedim(1, -1)  # (B, X, Y, Z, F), before the last dropout
+    assert torch.allclose(torch.cat(anchors), F.normalize(dec[y > 0], dim=1), atol=1e-6)
+    assert len(updates) == 1 and torch.allclose(updates[0], F.normalize(dec[:2].reshape(-1, 4), dim=1), atol=1e-6)
+    dropped_out = head_input[-1].movedim(1, -1)
+    assert not torch.allclose(torch.cat(anchors), F.normalize(dropped_out[y > 0], dim=1), atol=1e-3)

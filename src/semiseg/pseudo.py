@@ -126,6 +126,9 @@ def accumulate_features(
 
     ``layer``: ``decoder`` (the last decoder block, before the projection head: the method
     notes' choice) or ``projection`` (the projection-head embeddings of a BCL model).
+    Decoder features are the network's ``decoder_features`` (before its last dropout), the
+    kind of feature stage 2's PCL anchors and prototype updates use (in eval mode, as here,
+    the dropout is off and both kinds are equal).
 
     Windows of the patch size tile the volume (the last one flush with the edge); a voxel
     already counted by an earlier window is skipped, so every voxel counts once.
@@ -139,7 +142,7 @@ def accumulate_features(
     for a, b, c in itertools.product(*starts):
         sl = (slice(a, a + patch_size[0]), slice(b, b + patch_size[1]), slice(c, c + patch_size[2]))
         x = torch.from_numpy(img[sl])[None, None].to(device)
-        feats = model(x, heads=False).features
+        feats = model(x, heads=False).decoder_features
         if layer == "projection":
             feats = model.project(feats)
         feats = feats[0].float()  # (F, *patch)

@@ -8,6 +8,11 @@ sides must be divisible by 16. About 9.45 M parameters at w = 16 for 2 classes (
 + segmentation head).
 
 Shapes: input (B, in_channels, X, Y, Z); features (B, w, X, Y, Z); logits (B, C, X, Y, Z).
+
+The last decoder block's output is returned twice: ``decoder_features`` before the last
+Dropout3d (what the PCL anchors, the prototype update and the prototype estimation use, so
+that training-mode anchors and eval-mode prototypes are the same kind of feature) and
+``features`` after it (what the heads see; equal to ``decoder_features`` in eval mode).
 """
 
 from __future__ import annotations
@@ -55,6 +60,15 @@ class VNet(nn.Module):
         self.out_channels = w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Last decoder features after the last Dropout3d, (B, w, X, Y, Z)."""
+        return self.dropout(self.decode(x))
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Last decoder features before the last Dropout3d, (B, w, X, Y, Z).
+
+        The bottleneck's Dropout3d still applies in training mode; in eval mode (no
+        dropout) this equals :meth:`forward`.
+        """
         if any(s % 16 for s in x.shape[2:]):
             raise ValueError(f"V-Net input sides must be divisible by 16, got {tuple(x.shape[2:])}")
         x1 = self.enc1(x)
@@ -65,7 +79,7 @@ class VNet(nn.Module):
         x6 = self.dec6(self.up5(x5) + x4)
         x7 = self.dec7(self.up6(x6) + x3)
         x8 = self.dec8(self.up7(x7) + x2)
-        return self.dropout(self.dec9(self.up8(x8) + x1))
+        return self.dec9(self.up8(x8) + x1)
 
 
 class AleatoricHead(nn.Module):
@@ -153,7 +167,8 @@ class NetOutput:
     """What :class:`SegmentationNet` returns; absent heads give None."""
 
     logits: torch.Tensor  # (B, C, X, Y, Z): the segmentation logits (= the aleatoric mean)
-    features: torch.Tensor  # (B, w, X, Y, Z): last decoder features
+    features: torch.Tensor  # (B, w, X, Y, Z): last decoder features after the last Dropout3d (the heads' input)
+    decoder_features: torch.Tensor  # (B, w, X, Y, Z): the same before that dropout (PCL, prototypes)
     cov_factor: torch.Tensor | None = None
     cov_diag: torch.Tensor | None = None
 
@@ -188,14 +203,19 @@ class SegmentationNet(nn.Module):
         self.projection = ProjectionHead(base_filters, projection_channels) if projection else None
 
     def forward(self, x: torch.Tensor, heads: bool = True) -> NetOutput:
-        """``heads=False`` skips the covariance branches (inference). Projections: :meth:`project`."""
-        feats = self.backbone(x)
+        """``heads=False`` skips the covariance branches (inference). Projections: :meth:`project`.
+
+        Input (B, in_channels, X, Y, Z); the heads run on the features after the last
+        Dropout3d, and ``decoder_features`` holds them before it (see the module docstring).
+        """
+        decoded = self.backbone.decode(x)
+        feats = self.backbone.dropout(decoded)
         if self.aleatoric is None:
-            return NetOutput(self.seg_head(feats), feats)
+            return NetOutput(self.seg_head(feats), feats, decoded)
         mean, factor, diag = self.aleatoric(feats)
         if not heads:
-            return NetOutput(mean, feats)
-        return NetOutput(mean, feats, factor, diag)
+            return NetOutput(mean, feats, decoded)
+        return NetOutput(mean, feats, decoded, factor, diag)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Unit-norm projection-head embeddings (B, P, X, Y, Z) of decoder features (B, w, X, Y, Z).

@@ -242,7 +242,10 @@ class Stage2Step:
         terms = {"ce_dice": sup.item()}
         loss = sup
         if cfg.lambda_r:
-            feats = out.features.float().movedim(1, -1).reshape(-1, out.features.shape[1])  # (B*V, F)
+            # Anchors and the prototype update use the features before the last dropout: the
+            # kind of feature the prototypes were estimated from (eval mode, no dropout).
+            dec = out.decoder_features
+            feats = dec.float().movedim(1, -1).reshape(-1, dec.shape[1])  # (B*V, F)
             flat = y.reshape(-1)
             anchors = flat > 0  # foreground anchors; background is the ignore label
             f = feats[anchors]
