@@ -106,3 +106,13 @@ def test_dataset_training_overrides_are_validated(raw_config):
     raw_config["datasets"]["demo"]["training"] = {"iteratons": 5}
     with pytest.raises(ConfigError, match="iteratons"):
         validate_config(raw_config)
+
+
+def test_stage2_loss_setting(raw_config):
+    cfg = validate_config(copy.deepcopy(raw_config))
+    assert cfg["training"]["stage2_loss"] == "authors"
+    del raw_config["training"]["stage2_loss"]
+    assert validate_config(copy.deepcopy(raw_config))["training"]["stage2_loss"] == "authors"  # the schema's default
+    raw_config["training"]["stage2_loss"] = "mean"
+    with pytest.raises(ConfigError, match=r"training\.stage2_loss"):
+        validate_config(raw_config)

@@ -117,8 +117,9 @@ def test_stage2_trains(tiny_cases, artifacts, tmp_path, method):  # noqa: F811
     assert blob["stage"] == 2 and blob["teacher"] is None
     rows = list(csv.DictReader(open(tmp_path / "losses.csv", encoding="utf-8")))
     assert len(rows) == cfg.iterations and all(np.isfinite(float(r["loss"])) for r in rows)
+    assert {"ce_dice", "ce_dice_labelled", "ce_dice_pseudo"} <= set(rows[0])  # both groups' terms
     if method == "full":
-        assert {"pcl", "lambda_r"} <= set(rows[0])
+        assert {"pcl", "pcl_labelled", "pcl_pseudo", "anchors_labelled", "anchors_pseudo", "lambda_r"} <= set(rows[0])
         start = PrototypeStatistics.load(protos)
         assert torch.all(blob["prototypes"]["count"] > start.count)  # updated in stage 2
     else:
@@ -231,3 +232,91 @@ def test_pcl_anchors_and_prototype_update_use_the_features_before_dropout(monkey
     assert len(updates) == 1 and torch.allclose(updates[0], F.normalize(dec[:2].reshape(-1, 4), dim=1), atol=1e-6)
     dropped_out = head_input[-1].movedim(1, -1)
     assert not torch.allclose(torch.cat(anchors), F.normalize(dropped_out[y > 0], dim=1), atol=1e-3)
+
+
+def hand_ce_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """0.5 * (cross-entropy + soft Dice of the foreground over the given crops), two classes, written out."""
+    logp = torch.log_softmax(logits.double(), 1)
+    ce = -logp.gather(1, target[:, None]).mean()
+    p1, t1 = logp.exp()[:, 1], (target == 1).double()
+    dice = 1 - (2 * (p1 * t1).sum() + 1e-5) / ((p1 * p1).sum() + t1.sum() + 1e-5)
+    return 0.5 * (ce + dice)
+
+
+def hand_pcl(features: torch.Tensor, labels: torch.Tensor, stats: PrototypeStatistics, tau: float) -> torch.Tensor:
+    """Mean over foreground anchors of -f.mu_y / tau + log sum_c exp(f.mu_c / tau + sum_k f_k^2 var_ck / (2 tau^2)),
+    features, means and variance vectors L2-normalised; features (B, F, X, Y, Z), labels (B, X, Y, Z)."""
+    f = F.normalize(features.double().movedim(1, -1)[labels > 0], dim=1)
+    y = labels[labels > 0]
+    if len(y) == 0:
+        return torch.zeros((), dtype=torch.float64)
+    mu = F.normalize(stats.mean, dim=1)
+    var = F.normalize(torch.diagonal(stats.cov, dim1=1, dim2=2), dim=1)
+    logits = f @ mu.T / tau + (f * f) @ var.T / (2 * tau**2)
+    return (torch.logsumexp(logits, 1) - (f @ mu.T / tau).gather(1, y[:, None]).squeeze(1)).mean()
+
+
+def run_step(stage2_loss: str, batch: dict[str, torch.Tensor], lambda_r: float = 0.1):
+    """One Stage2Step of an eval-mode student (dropout off, so forward passes repeat exactly)."""
+    torch.manual_seed(0)
+    method = "full" if lambda_r else "aua_bcl_pl"
+    cfg = TrainConfig(method=method, lambda_r=lambda_r, stage2_loss=stage2_loss, prototype_update=False,
+                      **{**TINY, "base_filters": 4})
+    student = build_model(cfg).eval()
+    stats = some_prototypes(4)
+    loss, terms = Stage2Step(cfg, student, stats if lambda_r else None)(batch, 0)
+    with torch.no_grad():
+        out = student(torch.cat([batch["image_l"], batch["image_u"]]))
+    return loss, terms, out, stats
+
+
+@pytest.mark.parametrize("empty_pseudo", [False, True])
+def test_authors_stage2_loss_is_the_sum_over_both_groups(empty_pseudo):
+    """authors: 0.5 (CE + Dice) of the labelled crops + the same of the pseudo-labelled crops
+    + 0.1 (PCL of the labelled anchors + PCL of the pseudo-labelled anchors), each written out."""
+    batch = stage2_batch()
+    if empty_pseudo:  # no pseudo-labelled foreground at all: that group's PCL is 0
+        batch["label_u"] = torch.zeros_like(batch["label_u"])
+    loss, terms, out, stats = run_step("authors", batch)
+    logits, dec = out.logits, out.decoder_features
+    yl, yu = batch["label_l"], batch["label_u"]
+    sup_l, sup_u = hand_ce_dice(logits[:2], yl), hand_ce_dice(logits[2:], yu)
+    pcl_l, pcl_u = hand_pcl(dec[:2], yl, stats, 100.0), hand_pcl(dec[2:], yu, stats, 100.0)
+    expected = sup_l + sup_u + 0.1 * (pcl_l + pcl_u)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and terms["loss"] == pytest.approx(loss.item())
+    for name, value in (("ce_dice_labelled", sup_l), ("ce_dice_pseudo", sup_u), ("ce_dice", sup_l + sup_u),
+                        ("pcl_labelled", pcl_l), ("pcl_pseudo", pcl_u), ("pcl", pcl_l + pcl_u)):
+        assert terms[name] == pytest.approx(value.item(), rel=1e-5, abs=1e-7), name
+    assert terms["anchors_labelled"] == int((yl > 0).sum()) and terms["anchors_pseudo"] == int((yu > 0).sum())
+    assert (terms["pcl_pseudo"] == 0) == empty_pseudo and np.isfinite(terms["loss"])
+    loss.backward()
+
+
+def test_pooled_stage2_loss_reproduces_the_previous_one():
+    """pooled: one 0.5 (CE + Dice) over the four crops + 0.1 PCL over all their anchors (the
+    loss before the authors' grouping became the default); about half the authors' supervised term."""
+    from semiseg.losses import ce_dice_loss, prototype_contrastive_loss
+    from semiseg.training.engine import pcl_prototypes
+
+    batch = stage2_batch()
+    loss, terms, out, stats = run_step("pooled", batch)
+    y = torch.cat([batch["label_l"], batch["label_u"]])
+    f = out.decoder_features.movedim(1, -1)[y > 0]
+    means, covs = pcl_prototypes(stats, True)
+    old = ce_dice_loss(out.logits, y) + 0.1 * prototype_contrastive_loss(F.normalize(f, dim=1), y[y > 0], means, covs, 100.0)
+    assert loss.item() == pytest.approx(old.item(), rel=1e-5)
+    assert terms["pcl"] == pytest.approx(hand_pcl(out.decoder_features, y, stats, 100.0).item(), rel=1e-5)
+    _, authors, _, _ = run_step("authors", batch)
+    for name in ("ce_dice_labelled", "ce_dice_pseudo", "pcl_labelled", "pcl_pseudo"):  # the same groups, logged alike
+        assert terms[name] == pytest.approx(authors[name], rel=1e-6)
+    assert 1.7 < authors["ce_dice"] / terms["ce_dice"] < 2.3
+    # Without PCL (aua_bcl_pl) likewise.
+    loss_pl, _, out_pl, _ = run_step("pooled", batch, lambda_r=0.0)
+    assert loss_pl.item() == pytest.approx(ce_dice_loss(out_pl.logits, y).item(), rel=1e-6)
+    loss_pl, _, out_pl, _ = run_step("authors", batch, lambda_r=0.0)
+    assert loss_pl.item() == pytest.approx((hand_ce_dice(out_pl.logits[:2], y[:2]) + hand_ce_dice(out_pl.logits[2:], y[2:])).item(), rel=1e-5)
+
+
+def test_stage2_loss_setting_is_checked():
+    with pytest.raises(ValueError, match="stage2_loss"):
+        TrainConfig(method="full", lambda_r=0.1, stage2_loss="mean")

@@ -222,6 +222,7 @@ TRAIN_ALL = {"train_stage1": 3, "train_fully_supervised": 1, **DOWNSTREAM_OF_AUA
         (lambda c: c["between_stages"].update(weights="teacher"), DOWNSTREAM_OF_AUA_BCL),
         (lambda c: c["between_stages"].update(feature_layer="projection"), {"prototypes": 1, "train_stage2": 1}),
         (lambda c: c["training"].update(stage2_init="stage1"), {"train_stage2": 2}),
+        (lambda c: c["training"].update(stage2_loss="pooled"), {"train_stage2": 2}),
         (lambda c: c["datasets"]["demo"]["training"].update(checkpoint_every=7, num_workers=1), {}),
         (lambda c: c["between_stages"].update(batch_size=1), {}),
         (lambda c: c["datasets"]["demo"]["training"].update(augmentation={"rotate": True, "flip": True}), TRAIN_ALL),
@@ -231,7 +232,7 @@ TRAIN_ALL = {"train_stage1": 3, "train_fully_supervised": 1, **DOWNSTREAM_OF_AUA
          {"preprocess_case": 4, "preprocessing_summary": 1, **TRAIN_ALL}),
     ],
     ids=["crop_margin", "labelled_percent", "split_seed", "lambda_c", "bcl_temperature", "consistency_max", "lr",
-         "lambda_r", "pcl_tau", "pcl_normalise", "between_weights", "feature_layer", "stage2_init", "runtime_only",
+         "lambda_r", "pcl_tau", "pcl_normalise", "between_weights", "feature_layer", "stage2_init", "stage2_loss", "runtime_only",
          "runtime_batch", "augmentation", "unused_preprocessing", "label_orientation"],
 )
 def test_change_one_value_reruns_only_dependents(micro_run, change, expected):

@@ -28,7 +28,8 @@ from semiseg.io.atomic import atomic_path
 DEFAULT_COLOURS = {"tp": "red", "fn": "green", "fp": "blue"}
 
 #: Columns of a losses.csv that are not loss terms (schedules, weights, counts, timings).
-NOT_LOSS_TERMS = frozenset({"iteration", "lr", "lambda_g", "lambda_c", "lambda_r", "anchors", "data_wait_s", "step_s"})
+NOT_LOSS_TERMS = frozenset({"iteration", "lr", "lambda_g", "lambda_c", "lambda_r", "anchors", "anchors_labelled",
+                            "anchors_pseudo", "data_wait_s", "step_s"})
 
 
 def _save(fig: plt.Figure, path: str | Path, dpi: int) -> None:

@@ -303,11 +303,12 @@ METHOD_KEYS = {
     "aua_bcl": TRAIN_COMMON
     + MEAN_TEACHER
     + ("bcl_max_samples", "bcl_temperature", "projection_channels"),
-    "aua_bcl_pl": TRAIN_COMMON + ("unlabelled_batch", "stage2_init"),
+    "aua_bcl_pl": TRAIN_COMMON + ("unlabelled_batch", "stage2_init", "stage2_loss"),
     "full": TRAIN_COMMON
     + (
         "unlabelled_batch",
         "stage2_init",
+        "stage2_loss",
         "pcl_tau",
         "pcl_normalise",
         "prototype_update",

@@ -12,9 +12,12 @@ Methods (stage 1):
 Methods (stage 2, a fresh plain V-Net on labelled crops with ground truth and unlabelled
 crops with their stored pseudo labels):
 
-- ``aua_bcl_pl``: 0.5 * (CE + Dice) over all crops (pseudo labelling alone, lambda_r = 0).
+- ``aua_bcl_pl``: 0.5 * (CE + Dice) of the labelled crops + the same of the pseudo-labelled
+  crops (``stage2_loss: authors``; ``pooled``: one 0.5 * (CE + Dice) over all crops), i.e.
+  pseudo labelling alone, lambda_r = 0.
 - ``full``: the same + lambda_r * PCL (Eq. 12, 15) against prototypes loaded from the
-  artifact and, with ``prototype_update``, updated with the labelled crops' features.
+  artifact (per group and summed, or pooled) and, with ``prototype_update``, updated with
+  the labelled crops' features. See :class:`Stage2Step`.
 
 Checkpoints (student, teacher, optimiser, scheduler, AMP scaler, RNG states, iteration,
 loss history) are written atomically every ``checkpoint_every`` iterations; a restarted
@@ -61,6 +64,7 @@ from semiseg.training.data import Augmentation, PatchBatches
 STAGE1_METHODS = ("supervised", "fully_supervised", "aua", "aua_bcl")
 STAGE2_METHODS = ("aua_bcl_pl", "full")
 METHODS = STAGE1_METHODS + STAGE2_METHODS
+STAGE2_LOSSES = ("authors", "pooled")  # how stage 2 groups its crops (Stage2Step)
 log = logging.getLogger("semiseg.training")
 
 
@@ -97,6 +101,7 @@ class TrainConfig:
     pcl_normalise: bool = True
     prototype_update: bool = True
     stage2_init: str = "fresh"
+    stage2_loss: str = "authors"
     seed: int = 1337
     amp: bool = True
     augmentation: Augmentation = field(default_factory=Augmentation)
@@ -108,6 +113,8 @@ class TrainConfig:
             raise ValueError("method 'aua' has lambda_c = 0; use 'aua_bcl' for BCL")
         if self.stage2_init not in ("fresh", "stage1"):
             raise ValueError(f"stage2_init must be 'fresh' or 'stage1', got {self.stage2_init!r}")
+        if self.stage2_loss not in STAGE2_LOSSES:
+            raise ValueError(f"stage2_loss must be one of {STAGE2_LOSSES}, got {self.stage2_loss!r}")
         if self.method == "aua_bcl_pl" and self.lambda_r:
             raise ValueError("method 'aua_bcl_pl' has lambda_r = 0; use 'full' for PCL")
 
@@ -226,7 +233,23 @@ def pcl_prototypes(stats: PrototypeStatistics, normalise: bool) -> tuple[torch.T
 
 
 class Stage2Step:
-    """Stage-2 loss: 0.5 * (CE + Dice) on labelled + pseudo-labelled crops + lambda_r * PCL."""
+    """Stage-2 loss (Eq. 15): supervised CE + Dice and lambda_r * PCL, grouped as ``cfg.stage2_loss`` says.
+
+    The batch holds ``labelled_batch`` crops with ground truth and ``unlabelled_batch`` crops
+    with pseudo labels, each (b, 1, X, Y, Z) with labels (b, X, Y, Z). ``ce_dice`` below is
+    :func:`ce_dice_loss`, 0.5 * (CE + soft Dice) over the crops it is given (the released
+    code's ``get_supervised_loss_no_uncertainty``), and ``pcl`` the mean of Eq. 12 over the
+    foreground anchors it is given.
+
+    - ``authors`` (the released stage-2 script): ``ce_dice(labelled) + ce_dice(pseudo) +
+      lambda_r * (pcl(labelled anchors) + pcl(pseudo-labelled anchors))``.
+    - ``pooled``: ``ce_dice(all crops) + lambda_r * pcl(all anchors)``, about half the
+      authors' supervised gradient.
+
+    Logged: the terms as they enter the loss (``ce_dice``, ``pcl``), each group's
+    (``ce_dice_labelled``, ``ce_dice_pseudo``, ``pcl_labelled``, ``pcl_pseudo``) and the
+    anchor counts. A group without foreground anchors contributes a PCL of 0.
+    """
 
     def __init__(self, cfg: TrainConfig, student: SegmentationNet, prototypes: PrototypeStatistics | None) -> None:
         if cfg.lambda_r and prototypes is None:
@@ -235,11 +258,18 @@ class Stage2Step:
 
     def __call__(self, batch: dict[str, torch.Tensor], iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
+        n_l = batch["image_l"].shape[0]
         x = torch.cat([batch["image_l"], batch["image_u"]])
         y = torch.cat([batch["label_l"], batch["label_u"]])
         out = self.student(x)
-        sup = ce_dice_loss(out.logits, y)
-        terms = {"ce_dice": sup.item()}
+        if cfg.stage2_loss == "authors":
+            sup_l, sup_u = ce_dice_loss(out.logits[:n_l], y[:n_l]), ce_dice_loss(out.logits[n_l:], y[n_l:])
+            sup = sup_l + sup_u
+        else:
+            sup = ce_dice_loss(out.logits, y)
+            with torch.no_grad():  # logged only
+                sup_l, sup_u = ce_dice_loss(out.logits[:n_l], y[:n_l]), ce_dice_loss(out.logits[n_l:], y[n_l:])
+        terms = {"ce_dice": sup.item(), "ce_dice_labelled": sup_l.item(), "ce_dice_pseudo": sup_u.item()}
         loss = sup
         if cfg.lambda_r:
             # Anchors and the prototype update use the features before the last dropout: the
@@ -247,18 +277,26 @@ class Stage2Step:
             dec = out.decoder_features
             feats = dec.float().movedim(1, -1).reshape(-1, dec.shape[1])  # (B*V, F)
             flat = y.reshape(-1)
-            anchors = flat > 0  # foreground anchors; background is the ignore label
-            f = feats[anchors]
-            if cfg.pcl_normalise:
-                f = F.normalize(f, dim=1)
+            split = n_l * (flat.numel() // y.shape[0])  # rows of the labelled crops come first
             means, covs = pcl_prototypes(self.prototypes, cfg.pcl_normalise)
-            pcl = prototype_contrastive_loss(f, flat[anchors], means.to(f.device), covs.to(f.device), cfg.pcl_tau)
+            means, covs = means.to(feats.device), covs.to(feats.device)
+            group_pcl, counts = [], []
+            for f, lab in ((feats[:split], flat[:split]), (feats[split:], flat[split:])):
+                anchors = lab > 0  # foreground anchors; background is the ignore label
+                fa = F.normalize(f[anchors], dim=1) if cfg.pcl_normalise else f[anchors]
+                group_pcl.append(prototype_contrastive_loss(fa, lab[anchors], means, covs, cfg.pcl_tau))
+                counts.append(int(anchors.sum()))
+            pcl_l, pcl_u = group_pcl
+            if cfg.stage2_loss == "authors" or not sum(counts):
+                pcl = pcl_l + pcl_u
+            else:  # the mean over all anchors together
+                pcl = (counts[0] * pcl_l + counts[1] * pcl_u) / sum(counts)
             loss = loss + cfg.lambda_r * pcl
-            terms.update(pcl=pcl.item(), lambda_r=cfg.lambda_r, anchors=int(anchors.sum()))
+            terms.update(pcl=pcl.item(), pcl_labelled=pcl_l.item(), pcl_pseudo=pcl_u.item(), lambda_r=cfg.lambda_r,
+                         anchors=sum(counts), anchors_labelled=counts[0], anchors_pseudo=counts[1])
             if cfg.prototype_update:
-                n_l = batch["image_l"].numel() // batch["image_l"].shape[1]  # labelled voxels (first in the batch)
-                lf = feats[:n_l].detach()
-                self.prototypes.update(F.normalize(lf, dim=1) if cfg.pcl_normalise else lf, flat[:n_l])
+                lf = feats[:split].detach()
+                self.prototypes.update(F.normalize(lf, dim=1) if cfg.pcl_normalise else lf, flat[:split])
         terms["loss"] = loss.item()
         return loss, terms
 
