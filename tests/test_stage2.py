@@ -320,3 +320,20 @@ def test_pooled_stage2_loss_reproduces_the_previous_one():
 def test_stage2_loss_setting_is_checked():
     with pytest.raises(ValueError, match="stage2_loss"):
         TrainConfig(method="full", lambda_r=0.1, stage2_loss="mean")
+
+
+def test_between_stages_model_follows_stage1_iteration():
+    """between_stages.stage1_iteration picks the stage-1 file the pseudo-label and prototype
+    rules read: null the final model, n the snapshot after n iterations; beyond the run it
+    is a config error naming the key."""
+    from semiseg.errors import ConfigError
+    from semiseg.jobs import between_stages_model, check_stage1_iteration, stage1_snapshot_name
+
+    run = "results/models/demo_5pct/stage1_aua_bcl"
+    assert between_stages_model(run, None, 250, "demo") == f"{run}/model.pt"
+    assert between_stages_model(run + "/", 125, 250, "demo") == f"{run}/model_iter125.pt" == f"{run}/{stage1_snapshot_name(125)}"
+    assert between_stages_model(run, 250, 250, "demo") == f"{run}/model_iter250.pt"
+    assert check_stage1_iteration(3000, 6000, "pancreas") == 3000 and check_stage1_iteration(None, 1, "demo") is None
+    for bad in (3000, 0, True, 2.5):
+        with pytest.raises(ConfigError, match=r"between_stages\.stage1_iteration: .*data set 'demo'.* 250 iterations"):
+            between_stages_model(run, bad, 250, "demo")

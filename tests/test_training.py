@@ -160,3 +160,46 @@ def test_load_model_is_strict(tiny_cases, tmp_path):
     torch.save(blob, tmp_path / "broken.pt")
     with pytest.raises(RuntimeError, match="Missing key"):
         load_model(tmp_path / "broken.pt")
+
+
+def _same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_snapshots(tiny_cases, tmp_path):
+    """A requested snapshot is the model (student and teacher) after that many iterations, in
+    model.pt's format, and leaves the final model as it was; it is also written when a run
+    resumes exactly at its iteration, and a checkpoint past it is not resumed from (the run
+    starts over). Every way gives the same weights."""
+    lab, unl = tiny_cases
+    cfg = TrainConfig(method="aua", **{**TINY, "iterations": 3})
+    kw = dict(device="cpu", progress=False, checkpoint_every=1)
+    ref = tmp_path / "ref"
+    path = train(cfg, lab, unl, ref, snapshots={2: ref / "model_iter2.pt"}, **kw)
+    snap = torch.load(ref / "model_iter2.pt", weights_only=True)
+    assert snap["format"] == "semiseg-model-1" and snap["iterations"] == 2
+    assert snap["config"] == torch.load(path, weights_only=True)["config"]
+    assert not _same(snap["student"], _weights(path)[0])  # not the final weights
+    load_model(ref / "model_iter2.pt", "teacher")
+
+    def stop(t):
+        if t == 1:  # after the second iteration
+            raise Interrupt
+
+    at = tmp_path / "at"  # stopped at iteration 2 (checkpoint there), resumed asking for the snapshot at 2
+    with pytest.raises(Interrupt):
+        train(cfg, lab, unl, at, callback=stop, **kw)
+    ckpt = torch.load(at / "checkpoint.pt", weights_only=True)
+    assert ckpt["iteration"] == 2 and _same(snap["student"], ckpt["student"]) and _same(snap["teacher"], ckpt["teacher"])
+    train(cfg, lab, unl, at, snapshots={2: at / "model_iter2.pt"}, **kw)
+    past = tmp_path / "past"  # a finished run without snapshots (checkpoint at 3), then asked for one at 2
+    train(cfg, lab, unl, past, **kw)
+    assert _same(_weights(past / "model.pt")[0], _weights(path)[0])  # a snapshot does not change the run
+    train(cfg, lab, unl, past, snapshots={2: past / "model_iter2.pt"}, **kw)
+    for d in (at, past):
+        again = torch.load(d / "model_iter2.pt", weights_only=True)
+        assert _same(again["student"], snap["student"]) and _same(again["teacher"], snap["teacher"])
+        assert all(_same(a, b) for a, b in zip(_weights(d / "model.pt"), _weights(path)))
+        assert _rows(d / "losses.csv") == _rows(ref / "losses.csv")
+    with pytest.raises(ValueError, match=r"outside this run's 1\.\.3"):
+        train(cfg, lab, unl, tmp_path / "bad", snapshots={4: tmp_path / "x.pt"}, **kw)

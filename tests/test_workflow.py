@@ -223,6 +223,9 @@ TRAIN_ALL = {"train_stage1": 3, "train_fully_supervised": 1, **DOWNSTREAM_OF_AUA
         (lambda c: c["between_stages"].update(feature_layer="projection"), {"prototypes": 1, "train_stage2": 1}),
         (lambda c: c["training"].update(stage2_init="stage1"), {"train_stage2": 2}),
         (lambda c: c["training"].update(stage2_loss="pooled"), {"train_stage2": 2}),
+        # The AUA + BCL run now also writes its model at iteration 1, which pseudo labels and
+        # prototypes come from; the other stage-1 runs are left alone.
+        (lambda c: c["between_stages"].update(stage1_iteration=1), {"train_stage1_snapshot": 1, **DOWNSTREAM_OF_AUA_BCL}),
         (lambda c: c["datasets"]["demo"]["training"].update(checkpoint_every=7, num_workers=1), {}),
         (lambda c: c["between_stages"].update(batch_size=1), {}),
         (lambda c: c["datasets"]["demo"]["training"].update(augmentation={"rotate": True, "flip": True}), TRAIN_ALL),
@@ -232,7 +235,8 @@ TRAIN_ALL = {"train_stage1": 3, "train_fully_supervised": 1, **DOWNSTREAM_OF_AUA
          {"preprocess_case": 4, "preprocessing_summary": 1, **TRAIN_ALL}),
     ],
     ids=["crop_margin", "labelled_percent", "split_seed", "lambda_c", "bcl_temperature", "consistency_max", "lr",
-         "lambda_r", "pcl_tau", "pcl_normalise", "between_weights", "feature_layer", "stage2_init", "stage2_loss", "runtime_only",
+         "lambda_r", "pcl_tau", "pcl_normalise", "between_weights", "feature_layer", "stage2_init", "stage2_loss", "stage1_iteration",
+         "runtime_only",
          "runtime_batch", "augmentation", "unused_preprocessing", "label_orientation"],
 )
 def test_change_one_value_reruns_only_dependents(micro_run, change, expected):
@@ -250,6 +254,33 @@ def test_change_one_value_reruns_only_dependents(micro_run, change, expected):
             assert "output: results/models/demo_5pct/stage2_aua_bcl_pl" not in out
     finally:
         write_config(micro_run, micro_config())
+
+
+def test_stage1_iteration_picks_the_snapshot(tmp_path):
+    """between_stages.stage1_iteration n: the AUA + BCL run (only) also writes model_iter<n>.pt,
+    and the pseudo labels and prototypes read it; n beyond the run's iterations is an error
+    naming the key, before any job runs."""
+    cfg = micro_config()
+    cfg["between_stages"]["stage1_iteration"] = 1
+    write_config(tmp_path, cfg)
+    targets = ["results/models/demo_5pct/stage2_full/model.pt", "results/models/demo_5pct/stage1_aua/model.pt"]
+    res = smk(tmp_path, "-n", *targets)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout + res.stderr
+    counts = job_counts(out)
+    assert counts["train_stage1_snapshot"] == 1 and counts["train_stage1"] == 1  # aua_bcl with the snapshot; aua without
+    snapshot = "results/models/demo_5pct/stage1_aua_bcl/model_iter1.pt"
+    assert re.search(rf"rule train_stage1_snapshot:\n(?:    .*\n)*?    output: [^\n]*{snapshot}", out)
+    for rule in ("pseudo_label", "prototypes"):
+        blocks = re.findall(rf"^rule {rule}:\n((?:    .*\n)+)", out, flags=re.M)
+        assert blocks and all(snapshot in b and "stage1_aua_bcl/model.pt" not in b for b in blocks), rule
+    assert "model_iter" not in re.search(r"rule train_stage1:\n((?:    .*\n)+)", out)[1]
+    cfg["between_stages"]["stage1_iteration"] = 3  # the micro demo trains 2 iterations
+    write_config(tmp_path, cfg)
+    res = smk(tmp_path, "--cores", "1", *targets)
+    assert res.returncode != 0
+    assert "between_stages.stage1_iteration: 3 is not a stage-1 iteration of data set 'demo'" in res.stdout + res.stderr
+    assert not (tmp_path / "results").exists()
 
 
 def test_demo_ablation_dag_shares_the_artifacts(tmp_path):

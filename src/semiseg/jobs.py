@@ -1,8 +1,14 @@
-"""Running one pipeline job: logging to the rule's log file and one-line errors.
+"""Running one pipeline job: logging to the rule's log file and one-line errors, and the
+settings that decide which files a job reads.
 
 Rule scripts wrap their work in :func:`job`, so that bad input ends the job with a single
 line naming the case, the file and the problem (in the log and on stderr) and a non-zero
 exit status, while Snakemake's ``--keep-going`` lets the other jobs finish.
+
+:func:`between_stages_model` decides which stage-1 model file the pseudo-label and
+prototype rules read (``between_stages.stage1_iteration``); the workflow's glue
+(``workflow/rules/common.smk``) only calls it. This module imports no PyTorch, so the
+workflow can use it while it parses.
 """
 
 from __future__ import annotations
@@ -17,6 +23,44 @@ from pathlib import Path
 from semiseg.errors import CaseError, ConfigError
 
 log = logging.getLogger("semiseg")
+
+#: The config key that picks the stage-1 model used between the stages.
+STAGE1_ITERATION_KEY = "between_stages.stage1_iteration"
+
+
+def stage1_snapshot_name(iteration: int) -> str:
+    """File name of the stage-1 model after ``iteration`` iterations, next to its ``model.pt``."""
+    return f"model_iter{int(iteration)}.pt"
+
+
+def check_stage1_iteration(stage1_iteration: int | None, iterations: int, dataset: str) -> int | None:
+    """``between_stages.stage1_iteration`` for one data set whose stage-1 runs take
+    ``iterations`` iterations: the snapshot iteration, or None for the final model.
+
+    Raises :class:`ConfigError` naming the key when it is not within 1..``iterations``.
+    """
+    if stage1_iteration is None:
+        return None
+    if isinstance(stage1_iteration, bool) or not isinstance(stage1_iteration, int) or not 1 <= stage1_iteration <= iterations:
+        raise ConfigError(
+            f"invalid configuration: {STAGE1_ITERATION_KEY}: {stage1_iteration!r} is not a stage-1 iteration of data set "
+            f"{dataset!r}, whose stage-1 runs take {iterations} iterations; give 1..{iterations}, or null for the final model"
+        )
+    return stage1_iteration
+
+
+def between_stages_model(stage1_dir: str, stage1_iteration: int | None, iterations: int, dataset: str) -> str:
+    """The stage-1 model file that pseudo labels and prototypes are made from.
+
+    ``stage1_dir``: the AUA + BCL run's folder (``.../stage1_aua_bcl``); ``stage1_iteration``:
+    ``between_stages.stage1_iteration`` (None: the final ``model.pt``; n: the snapshot
+    ``model_iter<n>.pt`` that run also writes, see :func:`stage1_snapshot_name`);
+    ``iterations``: the data set's stage-1 iterations. Raises :class:`ConfigError` naming the
+    key for an iteration beyond the run.
+    """
+    chosen = check_stage1_iteration(stage1_iteration, iterations, dataset)
+    name = "model.pt" if chosen is None else stage1_snapshot_name(chosen)
+    return f"{stage1_dir.rstrip('/')}/{name}"
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@
 
 rule pseudo_label:
     input:
-        model=STAGE1_MODEL,
+        model=between_stages_model_file,
         case=f"{RESULTS}/preprocessed/{{dataset}}/{{case}}.h5",
     output:
         f"{RESULTS}/pseudo/{{dataset}}_{{split}}/{{case}}.h5",

@@ -29,6 +29,11 @@ from semiseg.datasets import (
     raw_case_paths,
 )
 from semiseg.errors import ConfigError
+from semiseg.jobs import (
+    between_stages_model,
+    check_stage1_iteration,
+    stage1_snapshot_name,
+)
 
 try:
     validate_config(
@@ -42,6 +47,17 @@ GENERATED = [name for name, ds in DATASETS.items() if ds.get("generate")]
 RESULTS = "results"
 
 STAGE1_METHODS_PATTERN = ("supervised", "aua", "aua_bcl")
+
+# between_stages.stage1_iteration: when set, the AUA + BCL run (whose model makes the pseudo
+# labels and prototypes) also writes its model at that iteration, so it is trained by the
+# rule train_stage1_snapshot (an extra output) and train_stage1 trains the other methods.
+STAGE1_ITERATION = config["between_stages"]["stage1_iteration"]
+STAGE1_SNAPSHOT = (
+    None if STAGE1_ITERATION is None else stage1_snapshot_name(STAGE1_ITERATION)
+)
+TRAIN_STAGE1_METHODS = "|".join(
+    m for m in STAGE1_METHODS_PATTERN if STAGE1_SNAPSHOT is None or m != "aua_bcl"
+)
 STAGE2_METHODS_PATTERN = ("aua_bcl_pl", "full")
 
 # A split name is a configured split (`5pct`) or a sweep variant of one: `5pct-lc0.05`
@@ -394,7 +410,31 @@ def fully_supervised_inputs(wildcards):
 
 # ---- between the stages and stage 2 ----------------------------------------------
 
-STAGE1_MODEL = f"{RESULTS}/models/{{dataset}}_{{split}}/stage1_aua_bcl/model.pt"
+STAGE1_DIR = f"{RESULTS}/models/{{dataset}}_{{split}}/stage1_aua_bcl"
+STAGE1_MODEL = f"{STAGE1_DIR}/model.pt"
+
+
+def stage1_snapshot_iteration(dataset):
+    """between_stages.stage1_iteration checked against the data set's stage-1 iterations."""
+    try:
+        return check_stage1_iteration(
+            STAGE1_ITERATION, training_settings(dataset)["iterations"], dataset
+        )
+    except ConfigError as exc:
+        raise WorkflowError(str(exc)) from None
+
+
+def between_stages_model_file(wildcards):
+    """The stage-1 model the pseudo labels and prototypes come from (semiseg.jobs decides)."""
+    try:
+        return between_stages_model(
+            STAGE1_DIR.format(dataset=wildcards.dataset, split=wildcards.split),
+            STAGE1_ITERATION,
+            training_settings(wildcards.dataset)["iterations"],
+            wildcards.dataset,
+        )
+    except ConfigError as exc:
+        raise WorkflowError(str(exc)) from None
 
 
 def pseudo_files(dataset, split):
@@ -415,7 +455,7 @@ def pseudo_quality_inputs(wildcards):
 def prototype_inputs(wildcards):
     s = split_of(wildcards.dataset, wildcards.split)
     return {
-        "model": STAGE1_MODEL.format(dataset=wildcards.dataset, split=wildcards.split),
+        "model": between_stages_model_file(wildcards),
         "labelled": case_files(wildcards.dataset, s.labelled),
         "unlabelled": case_files(wildcards.dataset, s.unlabelled),
         "pseudo": pseudo_files(wildcards.dataset, wildcards.split),

@@ -10,6 +10,8 @@ rule train_stage1:
         losses=f"{RESULTS}/models/{{dataset}}_{{split}}/stage1_{{method}}/losses.csv",
     log:
         f"{RESULTS}/logs/train/{{dataset}}_{{split}}_stage1_{{method}}.log",
+    wildcard_constraints:
+        method=TRAIN_STAGE1_METHODS,
     conda:
         "../../envs/semiseg.yaml"
     threads: 4
@@ -19,6 +21,33 @@ rule train_stage1:
         train=lambda w: train_params(w.dataset, w.method, w.split),
     script:
         "../scripts/train.py"
+
+
+if STAGE1_SNAPSHOT is not None:
+
+    # between_stages.stage1_iteration is set: the AUA + BCL run also writes its model at
+    # that iteration (model_iter<n>.pt), which the pseudo labels and prototypes come from.
+    rule train_stage1_snapshot:
+        input:
+            unpack(stage1_inputs),
+        output:
+            model=f"{RESULTS}/models/{{dataset}}_{{split}}/stage1_{{method}}/model.pt",
+            losses=f"{RESULTS}/models/{{dataset}}_{{split}}/stage1_{{method}}/losses.csv",
+            snapshot=f"{RESULTS}/models/{{dataset}}_{{split}}/stage1_{{method}}/{STAGE1_SNAPSHOT}",
+        log:
+            f"{RESULTS}/logs/train/{{dataset}}_{{split}}_stage1_{{method}}.log",
+        wildcard_constraints:
+            method="aua_bcl",
+        conda:
+            "../../envs/semiseg.yaml"
+        threads: 4
+        resources:
+            gpu=1,
+        params:
+            train=lambda w: train_params(w.dataset, w.method, w.split),
+            snapshot=lambda w: stage1_snapshot_iteration(w.dataset),
+        script:
+            "../scripts/train.py"
 
 
 rule train_fully_supervised:

@@ -1,4 +1,4 @@
-"""Rules train_stage1 / train_fully_supervised / train_stage2: one run of the shared engine."""
+"""Rules train_stage1 / train_stage1_snapshot / train_fully_supervised / train_stage2: one run of the shared engine."""
 
 from pathlib import Path
 
@@ -16,6 +16,7 @@ with job(snakemake.log[0], "train") as log:  # noqa: F821
     runtime = {**config["training"], **config["datasets"][snakemake.wildcards.dataset].get("training", {})}  # noqa: F821
     log.info("training %s: %s", cfg.method, cfg)
     inputs = snakemake.input  # noqa: F821
+    outputs = snakemake.output  # noqa: F821
     train(
         cfg,
         labelled=list(snakemake.input.labelled),  # noqa: F821
@@ -27,4 +28,5 @@ with job(snakemake.log[0], "train") as log:  # noqa: F821
         pseudo=list(inputs.pseudo) if "pseudo" in inputs.keys() else None,
         prototypes=inputs.prototypes if "prototypes" in inputs.keys() else None,
         init_from=inputs.init if "init" in inputs.keys() else None,
+        snapshots={snakemake.params.snapshot: outputs.snapshot} if "snapshot" in outputs.keys() else None,  # noqa: F821
     )

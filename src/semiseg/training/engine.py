@@ -35,7 +35,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -352,6 +352,7 @@ def train(
     pseudo: Sequence[str | Path] | None = None,
     prototypes: str | Path | None = None,
     init_from: str | Path | None = None,
+    snapshots: Mapping[int, str | Path] | None = None,
 ) -> Path:
     """Train one model; write ``model.pt`` and ``losses.csv`` in ``out_dir``; return the model path.
 
@@ -360,9 +361,17 @@ def train(
     Stage 2 also takes ``pseudo`` (one pseudo-label file per unlabelled case) and, for PCL,
     ``prototypes`` (a :class:`PrototypeStatistics` file) and, with ``stage2_init: stage1``,
     ``init_from`` (the stage-1 model whose backbone and mean head start the network).
-    ``checkpoint.pt`` in ``out_dir`` is resumed from when it matches ``cfg``.
+    ``snapshots`` ({iteration: path}) also writes the model after that many iterations, in
+    ``model.pt``'s format, atomically (the between-stage rules may read one instead of the
+    final model); each iteration must be within 1..``cfg.iterations``.
+    ``checkpoint.pt`` in ``out_dir`` is resumed from when it matches ``cfg`` (and is not past
+    a snapshot still to write: then training starts over).
     ``callback(iteration)`` runs after every iteration (progress hooks, tests).
     """
+    snapshots = {int(k): Path(v) for k, v in (snapshots or {}).items()}
+    outside = sorted(k for k in snapshots if not 1 <= k <= cfg.iterations)
+    if outside:
+        raise ValueError(f"snapshot iterations {outside} are outside this run's 1..{cfg.iterations} iterations")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
@@ -418,7 +427,10 @@ def train(
         except ValueError as exc:  # e.g. written by an older version (NumPy objects inside)
             log.warning("ignoring %s", exc)
             ckpt = {}
-        if ckpt.get("fingerprint") == cfg.fingerprint():
+        if ckpt.get("fingerprint") == cfg.fingerprint() and any(k < int(ckpt["iteration"]) for k in snapshots):
+            log.warning("not resuming from %s: its iteration %d is past snapshot iteration(s) %s; training from the start",
+                        ckpt_path, int(ckpt["iteration"]), sorted(k for k in snapshots if k < int(ckpt["iteration"])))
+        elif ckpt.get("fingerprint") == cfg.fingerprint():
             student.load_state_dict(ckpt["student"])
             if teacher is not None:
                 teacher.load_state_dict(ckpt["teacher"])
@@ -452,6 +464,8 @@ def train(
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.iterations, initial=start, file=sys.stderr, desc=f"{cfg.method}", dynamic_ncols=True)
+    if start in snapshots:  # resumed exactly at a snapshot iteration
+        _save_model(snapshots[start], cfg, start, student, teacher, stats)
     it = iter(loader)
     t_wait_total = t_step_total = 0.0
     for t in range(start, cfg.iterations):
@@ -477,6 +491,9 @@ def train(
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
+        if t + 1 in snapshots:
+            _save_model(snapshots[t + 1], cfg, t + 1, student, teacher, stats)
+            log.info("iteration %d: model snapshot %s", t + 1, snapshots[t + 1])
         if (t + 1) % checkpoint_every == 0 or t + 1 == cfg.iterations:
             _save_checkpoint(ckpt_path, cfg, t + 1, student, teacher, opt, sched, scaler, history, stats)
             write_history(history, out / "losses.csv")
@@ -488,16 +505,21 @@ def train(
         bar.close()
 
     model_path = out / "model.pt"
-    with atomic_path(model_path) as tmp:
+    _save_model(model_path, cfg, cfg.iterations, student, teacher, stats)
+    write_history(history, out / "losses.csv")
+    return model_path
+
+
+def _save_model(path, cfg, iterations, student, teacher, stats) -> None:
+    """The model file (``load_model``'s format) of the weights after ``iterations`` iterations, atomically."""
+    with atomic_path(path) as tmp:
         torch.save({
             "format": "semiseg-model-1", "stage": cfg.stage, "method": cfg.method, "config": asdict(cfg),
             "network": student.config, "student": student.state_dict(),
             "teacher": teacher.state_dict() if teacher is not None else None,
-            "iterations": cfg.iterations,
+            "iterations": iterations,
             "prototypes": stats.state_dict() if stats is not None else None,
         }, tmp)
-    write_history(history, out / "losses.csv")
-    return model_path
 
 
 def init_from_stage1(net: SegmentationNet, model_path: str | Path) -> None:
