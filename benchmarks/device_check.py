@@ -3,7 +3,9 @@
 The first command to run whenever a GPU machine is lent (the device tool gives short windows:
 15 minutes a session, the machine's start included). It needs only Python, PyTorch, NumPy,
 h5py and SciPy (no SimpleITK, Snakemake, pandas or medpy) and ends in about 4 minutes on one
-NVIDIA H200 (``--deadline-s``: the real-data run gets what is left of it, at most 2.5 min).
+NVIDIA H200 by estimate, not yet measured there (``--deadline-s``: the real-data run gets what
+is left of it, at most 2.5 min). The JSON and Markdown are rewritten after every section, so a
+run stopped by the device tool's time limit still returns what it measured.
 
 Sections (each records its numbers and pass/fail checks; an exception in one is recorded
 with its traceback and the others still run; the exit code is 1 if any enforced check failed):
@@ -61,7 +63,6 @@ import copy
 import csv
 import dataclasses
 import datetime
-import itertools
 import json
 import math
 import os
@@ -117,7 +118,7 @@ LA_PATCH = (112, 112, 80)
 LA_STRIDE = (18, 18, 4)
 LA_LAMBDA_C = 0.09
 LAMBDA_R = 0.1
-LABELLED_FRACTION = 0.2
+LABELLED_PERCENT = 20
 PAPER_LABELLED, PAPER_UNLABELLED, PAPER_TEST = 16, 64, 20
 PAPER_ITERATIONS, PAPER_LR_STEP = 6000, 2500
 PIPELINE_INFER_BATCH = 2  # config.yaml: evaluation.batch_size and between_stages.batch_size
@@ -180,22 +181,58 @@ class Settings:
 def gpu_settings() -> Settings:
     """The paper's LA sizes, sized to end in about 4 minutes on one H200."""
     return Settings(
-        smoke=False, patch=LA_PATCH, stride=LA_STRIDE, width=16, labelled_batch=2, unlabelled_batch=2,
-        bcl_max_samples=9000, warmup=3, repeats=5, resume_iterations=6, resume_interrupt=3,
-        infer_batch_sizes=(PIPELINE_INFER_BATCH, 8), infer_repeats=3, train_cases=12, test_cases=4,
-        train_budget_s=150.0, min_iterations=20, max_iterations=6000, calibration_iterations=8, num_workers=4,
-        deadline_s=235.0, reserve_s=25.0, case_crop=None,
+        smoke=False,
+        patch=LA_PATCH,
+        stride=LA_STRIDE,
+        width=16,
+        labelled_batch=2,
+        unlabelled_batch=2,
+        bcl_max_samples=9000,
+        warmup=3,
+        repeats=5,
+        resume_iterations=6,
+        resume_interrupt=3,
+        infer_batch_sizes=(PIPELINE_INFER_BATCH, 8),
+        infer_repeats=3,
+        train_cases=12,
+        test_cases=4,
+        train_budget_s=150.0,
+        min_iterations=20,
+        max_iterations=6000,
+        calibration_iterations=8,
+        num_workers=4,
+        deadline_s=235.0,
+        reserve_s=25.0,
+        case_crop=None,
     )
 
 
 def smoke_settings() -> Settings:
     """Tiny sizes for a CPU: the same code paths in well under a minute on 2 cores."""
     return Settings(
-        smoke=True, patch=(32, 32, 16), stride=(8, 8, 4), width=2, labelled_batch=2, unlabelled_batch=2,
-        bcl_max_samples=500, warmup=1, repeats=2, resume_iterations=4, resume_interrupt=2,
-        infer_batch_sizes=(PIPELINE_INFER_BATCH,), infer_repeats=1, train_cases=4, test_cases=2,
-        train_budget_s=2.0, min_iterations=3, max_iterations=3, calibration_iterations=2, num_workers=0,
-        deadline_s=60.0, reserve_s=5.0, case_crop=(48, 40, 24),
+        smoke=True,
+        patch=(32, 32, 16),
+        stride=(8, 8, 4),
+        width=2,
+        labelled_batch=2,
+        unlabelled_batch=2,
+        bcl_max_samples=500,
+        warmup=1,
+        repeats=2,
+        resume_iterations=4,
+        resume_interrupt=2,
+        infer_batch_sizes=(PIPELINE_INFER_BATCH,),
+        infer_repeats=1,
+        train_cases=4,
+        test_cases=2,
+        train_budget_s=2.0,
+        min_iterations=3,
+        max_iterations=3,
+        calibration_iterations=2,
+        num_workers=0,
+        deadline_s=60.0,
+        reserve_s=5.0,
+        case_crop=(48, 40, 24),
     )
 
 
@@ -248,8 +285,8 @@ def read_list(path: Path) -> list[str]:
 
 
 def n_labelled(n_train: int) -> int:
-    """Labelled cases among ``n_train``: 20 % rounded up, at least 1 (16 of 80 in the paper)."""
-    return max(1, math.ceil(LABELLED_FRACTION * n_train))
+    """Labelled cases among ``n_train``: 20 % rounded up, at least 1 (16 of 80 in the paper); integer arithmetic."""
+    return max(1, -(-n_train * LABELLED_PERCENT // 100))
 
 
 def prepare_data(source: Path, dest: Path, n_train: int = 12, n_test: int = 4) -> dict[str, Any]:
@@ -267,7 +304,9 @@ def prepare_data(source: Path, dest: Path, n_train: int = 12, n_test: int = 4) -
         raise FileNotFoundError(f"no LA cases ({CASE_FILE}) in {source}; set SEMISEG_LA_H5 or --source")
     k = n_labelled(n_train)
     if k > PAPER_LABELLED:
-        raise ValueError(f"{n_train} training cases need {k} labelled ones; the paper's labelled set has {PAPER_LABELLED}")
+        raise ValueError(
+            f"{n_train} training cases need {k} labelled ones; the paper's labelled set has {PAPER_LABELLED}"
+        )
     labelled = [c for c in train_ids[:PAPER_LABELLED] if c in have][:k]
     unlabelled = [c for c in train_ids[PAPER_LABELLED:] if c in have][: n_train - k]
     test = [c for c in test_ids if c in have][:n_test]
@@ -285,7 +324,9 @@ def prepare_data(source: Path, dest: Path, n_train: int = 12, n_test: int = 4) -
     (dest / "README.md").write_text(
         f"Real LA cases copied from {source} by `benchmarks/device_check.py --prepare-data` for the GPU check.\n"
         f"train.list: {len(labelled)} labelled (the first of the paper's 16) then {len(unlabelled)} unlabelled cases; "
-        f"test.list: {len(test)} test cases. Not for committing.\n", encoding="utf-8")
+        f"test.list: {len(test)} test cases. Not for committing.\n",
+        encoding="utf-8",
+    )
     return {"dest": str(dest), "labelled": labelled, "unlabelled": unlabelled, "test": test, "mib": size / 2**20}
 
 
@@ -296,7 +337,8 @@ def load_cases(data: Path, n_train: int, n_test: int) -> CaseSet:
     if len(train_ids) < n_train or len(test_ids) < n_test:
         raise FileNotFoundError(
             f"{data}: found {len(train_ids)} training and {len(test_ids)} test cases of {n_train} and {n_test} "
-            f"(run --prepare-data here, and carry its folder to the GPU machine)")
+            f"(run --prepare-data here, and carry its folder to the GPU machine)"
+        )
     k = n_labelled(n_train)
     paths = [data / c / CASE_FILE for c in train_ids]
     return CaseSet(paths[:k], paths[k:], [data / c / CASE_FILE for c in test_ids])
@@ -308,8 +350,10 @@ def crop_around_label(path: Path, dest: Path, size: Sequence[int]) -> Path:
         label = f["label"][...]
         idx = np.argwhere(label > 0)
         centre = (idx.min(0) + idx.max(0)) // 2 if len(idx) else np.array(label.shape) // 2
-        box = tuple(slice(max(0, min(int(c) - s // 2, n - s)), max(0, min(int(c) - s // 2, n - s)) + s)
-                    for c, s, n in zip(centre, size, label.shape, strict=True))
+        box = tuple(
+            slice(max(0, min(int(c) - s // 2, n - s)), max(0, min(int(c) - s // 2, n - s)) + s)
+            for c, s, n in zip(centre, size, label.shape, strict=True)
+        )
         image = f["image"][box].astype(np.float32)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(dest, "w") as g:
@@ -320,6 +364,7 @@ def crop_around_label(path: Path, dest: Path, size: Sequence[int]) -> Path:
 
 def smoke_cases(cases: CaseSet, work: Path, size: Sequence[int]) -> CaseSet:
     """The same cases cropped to ``size`` (so that whole-volume inference stays tiny)."""
+
     def crop(paths: list[Path]) -> list[Path]:
         return [crop_around_label(p, work / "cases" / p.parent.name / CASE_FILE, size) for p in paths]
 
@@ -368,15 +413,22 @@ def finite(x: float | None) -> bool:
 def read_history(path: Path) -> list[dict[str, float]]:
     """``losses.csv`` of a run as a list of rows of floats (empty cells: NaN)."""
     with open(path, encoding="utf-8") as fh:
-        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(fh)]
+        return [
+            {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(fh)
+        ]
 
 
 def train_config(method: str, s: Settings, **overrides: Any) -> TrainConfig:
     """The paper's LA hyperparameters for ``method`` at the run's sizes (AMP on, as ``train()``'s default)."""
     values: dict[str, Any] = dict(
-        method=method, patch_size=s.patch, base_filters=s.width, bcl_max_samples=s.bcl_max_samples,
-        labelled_batch=s.labelled_batch, unlabelled_batch=s.unlabelled_batch,
-        lambda_c=LA_LAMBDA_C if method == "aua_bcl" else 0.0, lambda_r=LAMBDA_R if method == "full" else 0.0,
+        method=method,
+        patch_size=s.patch,
+        base_filters=s.width,
+        bcl_max_samples=s.bcl_max_samples,
+        labelled_batch=s.labelled_batch,
+        unlabelled_batch=s.unlabelled_batch,
+        lambda_c=LA_LAMBDA_C if method == "aua_bcl" else 0.0,
+        lambda_r=LAMBDA_R if method == "full" else 0.0,
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -402,7 +454,9 @@ def method_batch(raw: dict[str, torch.Tensor], method: str, s: Settings) -> dict
     return batch
 
 
-def step_prototypes(model: SegmentationNet, batches: list[dict[str, torch.Tensor]], num_classes: int) -> PrototypeStatistics:
+def step_prototypes(
+    model: SegmentationNet, batches: list[dict[str, torch.Tensor]], num_classes: int
+) -> PrototypeStatistics:
     """Prototype statistics from the unit-norm features of the labelled crops of ``batches`` (eval mode)."""
     was_training = model.training
     model.eval()
@@ -489,15 +543,20 @@ def time_method(ctx: Context, method: str, amp: bool, raws: list[dict[str, torch
     weights_finite = all(bool(torch.isfinite(p).all()) for p in student.parameters())
     m, b = statistics.median(times["method"]), statistics.median(times["bare"])
     out = {
-        "method": method, "amp": amp, "s_per_iteration": m, "bare_s_per_iteration": b, "ratio_to_bare": m / b,
+        "method": method,
+        "amp": amp,
+        "s_per_iteration": m,
+        "bare_s_per_iteration": b,
+        "ratio_to_bare": m / b,
         "bare_passes": {"forward_backward_crops": n_l + n_u, "forward_only_crops": n_u if cfg.mean_teacher else 0},
-        "losses": losses, "losses_finite": all(math.isfinite(x) for x in losses), "grads_finite_last": grads_finite,
-        "weights_finite": weights_finite, "scaler_skipped_steps": skipped, "peak_gib": peak,
+        "losses": losses,
+        "losses_finite": all(math.isfinite(x) for x in losses),
+        "grads_finite_last": grads_finite,
+        "weights_finite": weights_finite,
+        "scaler_skipped_steps": skipped,
+        "peak_gib": peak,
         "last_terms": {k: float(v) for k, v in terms.items()},
     }
-    del student, teacher, bare, bare_t, opt, opt_b, step
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
     return out
 
 
@@ -505,28 +564,54 @@ def section_steps(ctx: Context) -> tuple[dict[str, Any], list[Check]]:
     """Section 1: every method's iteration, with AMP and without, against the bare V-Net."""
     s, dev = ctx.settings, ctx.device
     n_batches = min(4, s.warmup + s.repeats)
-    pb = PatchBatches(ctx.cases.labelled, ctx.cases.unlabelled, s.patch, s.labelled_batch + s.unlabelled_batch,
-                      s.unlabelled_batch, seed=0, iterations=n_batches, pseudo=ctx.cases.unlabelled)
+    pb = PatchBatches(
+        ctx.cases.labelled,
+        ctx.cases.unlabelled,
+        s.patch,
+        s.labelled_batch + s.unlabelled_batch,
+        s.unlabelled_batch,
+        seed=0,
+        iterations=n_batches,
+        pseudo=ctx.cases.unlabelled,
+    )
     raws = [{k: v.to(dev) for k, v in pb[t].items()} for t in range(n_batches)]
     runs: list[dict[str, Any]] = []
     checks: list[Check] = []
     for method in METHOD_ORDER:
         for amp in (False, True):
             r = time_method(ctx, method, amp, raws)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()  # the method's models are gone: give their memory back
             runs.append(r)
             tag = f"{method}, {'AMP' if amp else 'float32'}"
             ok = r["losses_finite"] and r["grads_finite_last"] and r["weights_finite"]
-            checks.append(Check(f"{tag}: finite", ok,
-                                f"loss finite {r['losses_finite']}, gradients of the last iteration finite "
-                                f"{r['grads_finite_last']}, weights finite {r['weights_finite']}, "
-                                f"GradScaler skipped {r['scaler_skipped_steps']} of {len(r['losses'])} steps"))
+            checks.append(
+                Check(
+                    f"{tag}: finite",
+                    ok,
+                    f"loss finite {r['losses_finite']}, gradients of the last iteration finite "
+                    f"{r['grads_finite_last']}, weights finite {r['weights_finite']}, "
+                    f"GradScaler skipped {r['scaler_skipped_steps']} of {len(r['losses'])} steps",
+                )
+            )
             if method == "aua_bcl" and amp:
-                checks.append(Check(f"{tag}: step / bare V-Net <= {STAGE1_RATIO_TARGET}",
-                                    r["ratio_to_bare"] <= STAGE1_RATIO_TARGET,
-                                    f"{r['ratio_to_bare']:.3f}x ({r['s_per_iteration']:.4f} s / "
-                                    f"{r['bare_s_per_iteration']:.4f} s)", kind="target", enforced=not s.smoke))
-    return {"runs": runs, "amp_dtype": str(AMP_DTYPE).replace("torch.", ""), "grad_scaler": dev.type == "cuda", "timed_iterations": s.repeats,
-            "warmup_iterations": s.warmup, "distinct_batches": n_batches}, checks
+                checks.append(
+                    Check(
+                        f"{tag}: step / bare V-Net <= {STAGE1_RATIO_TARGET}",
+                        r["ratio_to_bare"] <= STAGE1_RATIO_TARGET,
+                        f"{r['ratio_to_bare']:.3f}x ({r['s_per_iteration']:.4f} s / {r['bare_s_per_iteration']:.4f} s)",
+                        kind="target",
+                        enforced=not s.smoke,
+                    )
+                )
+    return {
+        "runs": runs,
+        "amp_dtype": str(AMP_DTYPE).replace("torch.", ""),
+        "grad_scaler": dev.type == "cuda",
+        "timed_iterations": s.repeats,
+        "warmup_iterations": s.warmup,
+        "distinct_batches": n_batches,
+    }, checks
 
 
 # ---------------------------------------------------------------- 2. resume
@@ -541,12 +626,17 @@ def float_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().double() for k, v in net.state_dict().items() if v.is_floating_point()}
 
 
-def state_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Max abs difference of ``a`` and ``b``, and ||a - b|| / ||b - init|| (how far apart relative to how far trained)."""
+def state_difference(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], init: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """Max abs difference of ``a`` and ``b``, and ||a - b|| / ||b - init|| (apart, relative to how far trained)."""
     diff = torch.cat([(a[k] - b[k]).reshape(-1) for k in b])
     moved = torch.cat([(b[k] - init[k]).reshape(-1) for k in b])
-    return {"max_abs": float(diff.abs().max()), "relative": float(diff.norm() / moved.norm().clamp_min(1e-30)),
-            "moved_norm": float(moved.norm())}
+    return {
+        "max_abs": float(diff.abs().max()),
+        "relative": float(diff.norm() / moved.norm().clamp_min(1e-30)),
+        "moved_norm": float(moved.norm()),
+    }
 
 
 def resume_once(ctx: Context, method: str) -> dict[str, Any]:
@@ -562,7 +652,9 @@ def resume_once(ctx: Context, method: str) -> dict[str, Any]:
             torch.manual_seed(0)
             net = build_model(cfg).to(dev)
             pb = PatchBatches(cases.labelled, [], s.patch, s.labelled_batch, 0, seed=1, iterations=2)
-            stats = step_prototypes(net, [{k2: v.to(dev) for k2, v in pb[t].items()} for t in range(2)], cfg.num_classes)
+            stats = step_prototypes(
+                net, [{k2: v.to(dev) for k2, v in pb[t].items()} for t in range(2)], cfg.num_classes
+            )
             extra["prototypes"] = root / "prototypes.npz"
             stats.save(extra["prototypes"])
     common = dict(device=str(dev), checkpoint_every=k, num_workers=0, progress=False, **extra)
@@ -588,14 +680,21 @@ def resume_once(ctx: Context, method: str) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)  # train()'s initialisation: the seed, then the model built on the CPU
     init = float_state(build_model(cfg))
-    out: dict[str, Any] = {"method": method, "iterations": n, "interrupted_after": k, "wall_s": wall,
-                           "rows_at_interrupt": rows_at_interrupt, "resumed_iterations": len(resumed_iterations),
-                           "first_resumed_iteration": resumed_iterations[0] if resumed_iterations else None}
+    out: dict[str, Any] = {
+        "method": method,
+        "iterations": n,
+        "interrupted_after": k,
+        "wall_s": wall,
+        "rows_at_interrupt": rows_at_interrupt,
+        "resumed_iterations": len(resumed_iterations),
+        "first_resumed_iteration": resumed_iterations[0] if resumed_iterations else None,
+    }
     for weights in ("student", "teacher") if cfg.mean_teacher else ("student",):
         a, b = load_model(resumed, weights), load_model(whole, weights)
         out[weights] = state_difference(float_state(a), float_state(b), init)
         out[weights]["integer_buffers_equal"] = all(
-            torch.equal(va, b.state_dict()[key]) for key, va in a.state_dict().items() if not va.is_floating_point())
+            torch.equal(va, b.state_dict()[key]) for key, va in a.state_dict().items() if not va.is_floating_point()
+        )
     la = [r["loss"] for r in read_history(part / "losses.csv")]
     lb = [r["loss"] for r in read_history(root / "uninterrupted" / "losses.csv")]
     if len(la) != n or len(lb) != n:
@@ -614,25 +713,42 @@ def section_resume(ctx: Context) -> tuple[dict[str, Any], list[Check]]:
         r = resume_once(ctx, method)
         runs.append(r)
         k, n = r["interrupted_after"], r["iterations"]
-        checks.append(Check(f"{method}: resumed from the checkpoint",
-                            r["rows_at_interrupt"] == k and r["resumed_iterations"] == n - k and r["first_resumed_iteration"] == k,
-                            f"{r['rows_at_interrupt']} iterations logged at the interruption, {r['resumed_iterations']} "
-                            f"run after the restart, starting at iteration {r['first_resumed_iteration']}"))
+        checks.append(
+            Check(
+                f"{method}: resumed from the checkpoint",
+                r["rows_at_interrupt"] == k and r["resumed_iterations"] == n - k and r["first_resumed_iteration"] == k,
+                f"{r['rows_at_interrupt']} iterations logged at the interruption, {r['resumed_iterations']} "
+                f"run after the restart, starting at iteration {r['first_resumed_iteration']}",
+            )
+        )
         for w in ("student", "teacher"):
             if w in r:
-                checks.append(Check(f"{method} {w}: weights within tolerance",
-                                    r[w]["relative"] <= RESUME_REL_TOL and r[w]["integer_buffers_equal"],
-                                    f"||resumed - uninterrupted|| / ||uninterrupted - init|| = {r[w]['relative']:.2e} "
-                                    f"(tolerance {RESUME_REL_TOL:g}); max abs difference {r[w]['max_abs']:.2e}; "
-                                    f"integer buffers equal {r[w]['integer_buffers_equal']}"))
-        checks.append(Check(f"{method}: loss history within tolerance",
-                            r["losses_finite"] and r["loss_max_abs_diff_after_resume"] <= RESUME_LOSS_TOL,
-                            f"max |loss difference| {r['loss_max_abs_diff_after_resume']:.2e} after the resume, "
-                            f"{r['loss_max_abs_diff_before_interrupt']:.2e} before it (tolerance {RESUME_LOSS_TOL:g})"))
+                checks.append(
+                    Check(
+                        f"{method} {w}: weights within tolerance",
+                        r[w]["relative"] <= RESUME_REL_TOL and r[w]["integer_buffers_equal"],
+                        f"||resumed - uninterrupted|| / ||uninterrupted - init|| = {r[w]['relative']:.2e} "
+                        f"(tolerance {RESUME_REL_TOL:g}); max abs difference {r[w]['max_abs']:.2e}; "
+                        f"integer buffers equal {r[w]['integer_buffers_equal']}",
+                    )
+                )
+        checks.append(
+            Check(
+                f"{method}: loss history within tolerance",
+                r["losses_finite"] and r["loss_max_abs_diff_after_resume"] <= RESUME_LOSS_TOL,
+                f"max |loss difference| {r['loss_max_abs_diff_after_resume']:.2e} after the resume, "
+                f"{r['loss_max_abs_diff_before_interrupt']:.2e} before it (tolerance {RESUME_LOSS_TOL:g})",
+            )
+        )
         if ctx.device.type == "cpu":  # the engine's promise: bit-identical on the CPU
             exact = r["student"]["max_abs"] == 0.0 and r["loss_max_abs_diff_after_resume"] == 0.0
-            checks.append(Check(f"{method}: bit-identical on the CPU", exact,
-                                f"max abs weight difference {r['student']['max_abs']:.1e}"))
+            checks.append(
+                Check(
+                    f"{method}: bit-identical on the CPU",
+                    exact,
+                    f"max abs weight difference {r['student']['max_abs']:.1e}",
+                )
+            )
     return {"runs": runs, "relative_tolerance": RESUME_REL_TOL, "loss_tolerance": RESUME_LOSS_TOL}, checks
 
 
@@ -649,9 +765,9 @@ def section_inference(ctx: Context) -> tuple[dict[str, Any], list[Check]]:
     runs: dict[str, Callable[[], np.ndarray]] = {"naive": lambda: naive_predict(net, image, s.patch, s.stride, dev)}
     for bs in s.infer_batch_sizes:
         for amp in (False, True):
-            runs[f"{'amp' if amp else 'float32'}_batch{bs}"] = (
-                lambda bs=bs, amp=amp: sliding_window_predict(net, image, s.patch, s.stride, batch_size=bs, device=dev, amp=amp,
-                                                       amp_dtype=AMP_DTYPE))
+            runs[f"{'amp' if amp else 'float32'}_batch{bs}"] = lambda bs=bs, amp=amp: sliding_window_predict(
+                net, image, s.patch, s.stride, batch_size=bs, device=dev, amp=amp, amp_dtype=AMP_DTYPE
+            )
     for fn in runs.values():  # warm-up: cuDNN handles, kernel choice, BN folding
         fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -662,8 +778,13 @@ def section_inference(ctx: Context) -> tuple[dict[str, Any], list[Check]]:
             times[name].append(dt)
     ref = probs["naive"].argmax(0)
     naive_s = statistics.median(times["naive"])
-    res: dict[str, Any] = {"case": case.parent.name, "shape": list(image.shape), "windows": n_windows(image.shape, s.patch, s.stride),
-                           "naive_s": naive_s, "runs": {}}
+    res: dict[str, Any] = {
+        "case": case.parent.name,
+        "shape": list(image.shape),
+        "windows": n_windows(image.shape, s.patch, s.stride),
+        "naive_s": naive_s,
+        "runs": {},
+    }
     checks = []
     for name in runs:
         if name == "naive":
@@ -671,16 +792,27 @@ def section_inference(ctx: Context) -> tuple[dict[str, Any], list[Check]]:
         lab = probs[name].argmax(0)
         agree = float((lab == ref).mean())
         t = statistics.median(times[name])
-        res["runs"][name] = {"s": t, "speedup": naive_s / t, "argmax_agreement": agree,
-                             "voxels_differing": int((lab != ref).sum()),
-                             "max_abs_prob_diff": float(np.abs(probs[name] - probs["naive"]).max())}
+        res["runs"][name] = {
+            "s": t,
+            "speedup": naive_s / t,
+            "argmax_agreement": agree,
+            "voxels_differing": int((lab != ref).sum()),
+            "max_abs_prob_diff": float(np.abs(probs[name] - probs["naive"]).max()),
+        }
         need = AGREE_AMP if name.startswith("amp") else AGREE_FLOAT32
-        checks.append(Check(f"{name}: argmax agreement >= {need:.1%}", agree >= need,
-                            f"{agree:.4%} of {ref.size} voxels"))
+        checks.append(
+            Check(f"{name}: argmax agreement >= {need:.1%}", agree >= need, f"{agree:.4%} of {ref.size} voxels")
+        )
     r = res["runs"][f"float32_batch{PIPELINE_INFER_BATCH}"]
-    checks.append(Check(f"float32 batch {PIPELINE_INFER_BATCH}: speed-up >= {INFER_SPEEDUP_TARGET:g}x",
-                        r["speedup"] >= INFER_SPEEDUP_TARGET, f"{r['speedup']:.2f}x ({r['s']:.3f} s vs {naive_s:.3f} s)",
-                        kind="target", enforced=not s.smoke))
+    checks.append(
+        Check(
+            f"float32 batch {PIPELINE_INFER_BATCH}: speed-up >= {INFER_SPEEDUP_TARGET:g}x",
+            r["speedup"] >= INFER_SPEEDUP_TARGET,
+            f"{r['speedup']:.2f}x ({r['s']:.3f} s vs {naive_s:.3f} s)",
+            kind="target",
+            enforced=not s.smoke,
+        )
+    )
     return res, checks
 
 
@@ -725,29 +857,54 @@ def section_real_data(ctx: Context) -> tuple[dict[str, Any], list[Check]]:
     per_case, infer_s, windows = [], 0.0, 0
     for path in cases.test:
         image, label = read_case(path)
-        dt, probs = timed(dev, lambda image=image: sliding_window_predict(
-            model, image, s.patch, s.stride, batch_size=PIPELINE_INFER_BATCH, device=dev))
+        dt, probs = timed(
+            dev,
+            lambda image=image: sliding_window_predict(
+                model, image, s.patch, s.stride, batch_size=PIPELINE_INFER_BATCH, device=dev
+            ),
+        )
         w = n_windows(image.shape, s.patch, s.stride)
         infer_s, windows = infer_s + dt, windows + w
         per_case.append({"case": path.parent.name, "dice": dice(probs.argmax(0), label), "s": dt, "windows": w})
     mean_dice = float(np.mean([c["dice"] for c in per_case]))
     res = {
-        "labelled_cases": len(cases.labelled), "unlabelled_cases": len(cases.unlabelled), "test_cases": len(cases.test),
-        "lambda_c": cfg.lambda_c, "calibration_s_per_iteration": s_it, "budget_s": budget, "iterations": iterations,
-        "lr_step": lr_step, "wall_s": wall, "engine_s_per_iteration": statistics.median(r["step_s"] for r in steady),
+        "labelled_cases": len(cases.labelled),
+        "unlabelled_cases": len(cases.unlabelled),
+        "test_cases": len(cases.test),
+        "lambda_c": cfg.lambda_c,
+        "calibration_s_per_iteration": s_it,
+        "budget_s": budget,
+        "iterations": iterations,
+        "lr_step": lr_step,
+        "wall_s": wall,
+        "engine_s_per_iteration": statistics.median(r["step_s"] for r in steady),
         "data_wait_percent": 100 * sum(r["data_wait_s"] for r in steady) / sum(r["step_s"] for r in steady),
-        "num_workers": s.num_workers, "loss_start": window_mean(loss, True), "loss_end": window_mean(loss, False),
-        "sup_dice_start": window_mean(sup, True), "sup_dice_end": window_mean(sup, False),
-        "dice": per_case, "mean_dice": mean_dice, "inference_s_per_window": infer_s / windows,
+        "num_workers": s.num_workers,
+        "loss_start": window_mean(loss, True),
+        "loss_end": window_mean(loss, False),
+        "sup_dice_start": window_mean(sup, True),
+        "sup_dice_end": window_mean(sup, False),
+        "dice": per_case,
+        "mean_dice": mean_dice,
+        "inference_s_per_window": infer_s / windows,
         "model_path": str(model_path),
     }
     checks = [
         Check("losses finite", all(map(math.isfinite, loss)), f"{len(loss)} iterations"),
-        Check("supervised Dice loss falls", res["sup_dice_end"] < res["sup_dice_start"],
-              f"{res['sup_dice_start']:.3f} (first tenth) -> {res['sup_dice_end']:.3f} (last tenth)",
-              kind="target", enforced=not s.smoke),
-        Check(f"mean test Dice >= {DICE_TARGET}", mean_dice >= DICE_TARGET, f"{mean_dice:.3f}",
-              kind="target", enforced=not s.smoke),
+        Check(
+            "supervised Dice loss falls",
+            res["sup_dice_end"] < res["sup_dice_start"],
+            f"{res['sup_dice_start']:.3f} (first tenth) -> {res['sup_dice_end']:.3f} (last tenth)",
+            kind="target",
+            enforced=not s.smoke,
+        ),
+        Check(
+            f"mean test Dice >= {DICE_TARGET}",
+            mean_dice >= DICE_TARGET,
+            f"{mean_dice:.3f}",
+            kind="target",
+            enforced=not s.smoke,
+        ),
     ]
     return res, checks
 
@@ -774,8 +931,18 @@ def section_projection(ctx: Context) -> tuple[dict[str, Any], list[Check]]:
     model = Path(real["model_path"])
     u_case, l_case = cases.unlabelled[0], cases.labelled[0]
     write_pseudo_label(u_case, model, ctx.work / "pseudo" / "warmup.h5", s.patch, s.stride, device=str(dev))
-    t_p, _ = timed(dev, lambda: write_pseudo_label(u_case, model, ctx.work / "pseudo" / "case.h5", s.patch, s.stride,
-                                                    device=str(dev), batch_size=PIPELINE_INFER_BATCH))
+    t_p, _ = timed(
+        dev,
+        lambda: write_pseudo_label(
+            u_case,
+            model,
+            ctx.work / "pseudo" / "case.h5",
+            s.patch,
+            s.stride,
+            device=str(dev),
+            batch_size=PIPELINE_INFER_BATCH,
+        ),
+    )
     t_v, _ = timed(dev, lambda: estimate_prototypes(model, [l_case], [], [], s.patch, device=str(dev)))
     train_shapes = [case_shape(p) for p in cases.labelled + cases.unlabelled]
     test_shapes = [case_shape(p) for p in cases.test]
@@ -787,20 +954,40 @@ def section_projection(ctx: Context) -> tuple[dict[str, Any], list[Check]]:
     t1 = real["engine_s_per_iteration"]
     t2 = step_s[("full", amp)] * t1 / step_s[("aua_bcl", amp)]
     parts = {
-        "stage1_s": PAPER_ITERATIONS * t1, "stage2_s": PAPER_ITERATIONS * t2,
+        "stage1_s": PAPER_ITERATIONS * t1,
+        "stage2_s": PAPER_ITERATIONS * t2,
         "pseudo_labels_s": PAPER_UNLABELLED * w_train * t_pseudo,
         "prototypes_s": (PAPER_LABELLED + PAPER_UNLABELLED) * v_train * t_proto,
         "test_inference_s": PAPER_TEST * w_test * real["inference_s_per_window"],
     }
     total = sum(parts.values())
-    res = {"formula": PROJECTION_FORMULA, "t1_s": t1, "t2_s": t2, "t_full_step_s": step_s[("full", amp)],
-           "t_aua_bcl_step_s": step_s[("aua_bcl", amp)], "step_precision": "AMP" if amp else "float32", "t_pseudo_s_per_window": t_pseudo,
-           "t_proto_s_per_voxel": t_proto, "t_test_s_per_window": real["inference_s_per_window"],
-           "w_train_windows": w_train, "w_test_windows": w_test, "v_train_voxels": v_train,
-           "pseudo_case_s": t_p, "prototype_case_s": t_v, "parts": parts, "total_s": total, "total_h": total / 3600}
+    res = {
+        "formula": PROJECTION_FORMULA,
+        "t1_s": t1,
+        "t2_s": t2,
+        "t_full_step_s": step_s[("full", amp)],
+        "t_aua_bcl_step_s": step_s[("aua_bcl", amp)],
+        "step_precision": "AMP" if amp else "float32",
+        "t_pseudo_s_per_window": t_pseudo,
+        "t_proto_s_per_voxel": t_proto,
+        "t_test_s_per_window": real["inference_s_per_window"],
+        "w_train_windows": w_train,
+        "w_test_windows": w_test,
+        "v_train_voxels": v_train,
+        "pseudo_case_s": t_p,
+        "prototype_case_s": t_v,
+        "parts": parts,
+        "total_s": total,
+        "total_h": total / 3600,
+    }
     values = [v for v in res.values() if isinstance(v, float)] + list(parts.values())
-    checks = [Check("every input measured, finite and positive", all(finite(v) and v > 0 for v in values),
-                    f"projected {total / 3600:.2f} h")]
+    checks = [
+        Check(
+            "every input measured, finite and positive",
+            all(finite(v) and v > 0 for v in values),
+            f"projected {total / 3600:.2f} h",
+        )
+    ]
     return res, checks
 
 
@@ -811,18 +998,33 @@ def environment(dev: torch.device, s: Settings, data: Path) -> dict[str, Any]:
     """Machine, versions and the run's settings for the summary's header."""
     info: dict[str, Any] = {
         "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-        "mode": "smoke run (CPU, tiny sizes)" if s.smoke else "paper's LA sizes", "device": str(dev),
-        "python": platform.python_version(), "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
-        "numpy": np.__version__, "h5py": h5py.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "tf32_convolutions": torch.backends.cudnn.allow_tf32, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-        "amp_dtype": str(AMP_DTYPE).replace("torch.", ""), "data": str(data), "git": git_commit(),
+        "mode": "smoke run (CPU, tiny sizes)" if s.smoke else "paper's LA sizes",
+        "device": str(dev),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "tf32_convolutions": torch.backends.cudnn.allow_tf32,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "amp_dtype": str(AMP_DTYPE).replace("torch.", ""),
+        "data": str(data),
+        "git": git_commit(),
         "settings": dataclasses.asdict(s),
     }
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
-        info.update(gpu=p.name, gpu_memory_gib=p.total_memory / 2**30, compute_capability=f"{p.major}.{p.minor}",
-                    cudnn=torch.backends.cudnn.version(), driver=nvidia_driver())
+        info.update(
+            gpu=p.name,
+            gpu_memory_gib=p.total_memory / 2**30,
+            compute_capability=f"{p.major}.{p.minor}",
+            cudnn=torch.backends.cudnn.version(),
+            driver=nvidia_driver(),
+        )
     return info
 
 
@@ -840,8 +1042,16 @@ def cpu_model() -> str:
 def git_commit() -> str | None:
     """The checkout's commit, when git and the repository are there."""
     try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -849,8 +1059,16 @@ def git_commit() -> str | None:
 def nvidia_driver() -> str | None:
     """The NVIDIA driver version from ``nvidia-smi``, when it answers."""
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=20, check=True).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -863,20 +1081,23 @@ def fmt(value: Any, spec: str) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The human summary of a report: header, one part per section, every figure with its unit."""
     env, st = report["environment"], report["environment"]["settings"]
+    verdict = "PASS" if report["passed"] else "FAIL" if report["complete"] else "INCOMPLETE (still running or stopped)"
     lines = [f"# GPU device check: {env['mode']}", ""]
     if "gpu" in env:
-        lines.append(f"- GPU: {env['gpu']} ({env['gpu_memory_gib']:.0f} GiB, compute capability "
-                     f"{env['compute_capability']}), driver {env['driver']}")
+        lines.append(
+            f"- GPU: {env['gpu']} ({env['gpu_memory_gib']:.0f} GiB, compute capability "
+            f"{env['compute_capability']}), driver {env['driver']}"
+        )
     lines += [
-        f"- torch {env['torch']}, CUDA runtime {env['cuda_runtime']}, cuDNN {env.get('cudnn')}, Python {env['python']}, "
-        f"NumPy {env['numpy']}, h5py {env['h5py']}; device `{env['device']}`; CPU {env['cpu']} "
+        f"- torch {env['torch']}, CUDA runtime {env['cuda_runtime']}, cuDNN {env.get('cudnn')}, "
+        f"Python {env['python']}, NumPy {env['numpy']}, h5py {env['h5py']}; device `{env['device']}`; CPU {env['cpu']} "
         f"({env['cpu_count']} logical CPUs, {env['torch_threads']} torch threads)",
         f"- cuDNN benchmark {env['cudnn_benchmark']}, TF32 convolutions {env['tf32_convolutions']}, TF32 matmul "
         f"{env['tf32_matmul']}; AMP dtype {env['amp_dtype']}",
-        f"- Settings: patch {tuple(st['patch'])} voxels, stride {tuple(st['stride'])} voxels, V-Net width {st['width']}, "
-        f"{st['labelled_batch']} labelled + {st['unlabelled_batch']} unlabelled crops, BCL up to {st['bcl_max_samples']} "
-        f"voxels a crop; data `{env['data']}`; commit {env['git']}; {env['utc']} UTC",
-        f"- Result: **{'PASS' if report['passed'] else 'FAIL'}** in {report['wall_s']:.1f} s"
+        f"- Settings: patch {tuple(st['patch'])} voxels, stride {tuple(st['stride'])} voxels, "
+        f"V-Net width {st['width']}, {st['labelled_batch']} labelled + {st['unlabelled_batch']} unlabelled crops, "
+        f"BCL up to {st['bcl_max_samples']} voxels a crop; data `{env['data']}`; commit {env['git']}; {env['utc']} UTC",
+        f"- Result: **{verdict}** in {report['wall_s']:.1f} s"
         + (f"; failed: {', '.join(report['failed'])}" if report["failed"] else ""),
         "",
     ]
@@ -900,54 +1121,78 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def _md_steps(r: dict[str, Any]) -> list[str]:
-    out = [f"Median of {r['timed_iterations']} iterations after {r['warmup_iterations']} warm-up, {r['distinct_batches']} "
-           f"real LA batches on the device; AMP = {r['amp_dtype']} autocast"
-           + (" + GradScaler" if r["grad_scaler"] else " (no GradScaler)") + ".", "",
-           "| method | precision | s / iteration | bare V-Net s / iteration | ratio | bare passes (fwd+bwd / fwd crops) "
-           "| peak GPU memory GiB | first / last loss | scaler skips |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"Median of {r['timed_iterations']} iterations after {r['warmup_iterations']} warm-up, {r['distinct_batches']} "
+        f"real LA batches on the device; AMP = {r['amp_dtype']} autocast"
+        + (" + GradScaler" if r["grad_scaler"] else " (no GradScaler)")
+        + ".",
+        "",
+        "| method | precision | s / iteration | bare V-Net s / iteration | ratio | bare passes (fwd+bwd / fwd crops) "
+        "| peak GPU memory GiB | first / last loss | scaler skips |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for x in r["runs"]:
         peak = f"{x['peak_gib']:.2f}" if x["peak_gib"] is not None else "—"
         bp = x["bare_passes"]
-        out.append(f"| {x['method']} | {'AMP' if x['amp'] else 'float32'} | {x['s_per_iteration']:.4f} | "
-                   f"{x['bare_s_per_iteration']:.4f} | {x['ratio_to_bare']:.3f}x | {bp['forward_backward_crops']} / "
-                   f"{bp['forward_only_crops']} | {peak} | {fmt(x['losses'][0], '.4f')} / {fmt(x['losses'][-1], '.4f')} | "
-                   f"{x['scaler_skipped_steps']} |")
+        out.append(
+            f"| {x['method']} | {'AMP' if x['amp'] else 'float32'} | {x['s_per_iteration']:.4f} | "
+            f"{x['bare_s_per_iteration']:.4f} | {x['ratio_to_bare']:.3f}x | {bp['forward_backward_crops']} / "
+            f"{bp['forward_only_crops']} | {peak} | {fmt(x['losses'][0], '.4f')} / {fmt(x['losses'][-1], '.4f')} | "
+            f"{x['scaler_skipped_steps']} |"
+        )
     return out
 
 
 def _md_resume(r: dict[str, Any]) -> list[str]:
-    out = [f"Tolerance: ||w_resumed - w_uninterrupted|| / ||w_uninterrupted - w_init|| <= {r['relative_tolerance']:g} and "
-           f"|loss difference| <= {r['loss_tolerance']:g} at every iteration (CUDA is not bit-deterministic).", "",
-           "| method | iterations (interrupted after) | weights | relative difference | max abs difference | "
-           "max abs loss difference before / after the interruption | wall s |", "|---|---|---|---|---|---|---|"]
+    out = [
+        f"Tolerance: ||w_resumed - w_uninterrupted|| / ||w_uninterrupted - w_init|| <= {r['relative_tolerance']:g} and "
+        f"|loss difference| <= {r['loss_tolerance']:g} at every iteration (CUDA is not bit-deterministic).",
+        "",
+        "| method | iterations (interrupted after) | weights | relative difference | max abs difference | "
+        "max abs loss difference before / after the interruption | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for x in r["runs"]:
         for w in ("student", "teacher"):
             if w in x:
-                out.append(f"| {x['method']} | {x['iterations']} ({x['interrupted_after']}) | {w} | {x[w]['relative']:.2e} | "
-                           f"{x[w]['max_abs']:.2e} | {x['loss_max_abs_diff_before_interrupt']:.2e} / "
-                           f"{x['loss_max_abs_diff_after_resume']:.2e} | {x['wall_s']:.1f} |")
+                out.append(
+                    f"| {x['method']} | {x['iterations']} ({x['interrupted_after']}) | {w} | {x[w]['relative']:.2e} | "
+                    f"{x[w]['max_abs']:.2e} | {x['loss_max_abs_diff_before_interrupt']:.2e} / "
+                    f"{x['loss_max_abs_diff_after_resume']:.2e} | {x['wall_s']:.1f} |"
+                )
     return out
 
 
 def _md_inference(r: dict[str, Any]) -> list[str]:
-    out = [f"Case {r['case']}, {tuple(r['shape'])} voxels, {r['windows']} windows; seeded random weights; median time.",
-           "", "| run | seconds | speed-up vs naive | argmax agreement | voxels differing | max abs probability difference |",
-           "|---|---|---|---|---|---|", f"| naive loop (one window at a time) | {r['naive_s']:.3f} | 1.00x | — | — | — |"]
+    out = [
+        f"Case {r['case']}, {tuple(r['shape'])} voxels, {r['windows']} windows; seeded random weights; median time.",
+        "",
+        "| run | seconds | speed-up vs naive | argmax agreement | voxels differing | max abs probability difference |",
+        "|---|---|---|---|---|---|",
+        f"| naive loop (one window at a time) | {r['naive_s']:.3f} | 1.00x | — | — | — |",
+    ]
     for name, x in r["runs"].items():
-        out.append(f"| `sliding_window_predict` {name} | {x['s']:.3f} | {x['speedup']:.2f}x | {x['argmax_agreement']:.4%} | "
-                   f"{x['voxels_differing']} | {x['max_abs_prob_diff']:.1e} |")
+        out.append(
+            f"| `sliding_window_predict` {name} | {x['s']:.3f} | {x['speedup']:.2f}x | {x['argmax_agreement']:.4%} | "
+            f"{x['voxels_differing']} | {x['max_abs_prob_diff']:.1e} |"
+        )
     return out
 
 
 def _md_real_data(r: dict[str, Any]) -> list[str]:
-    out = [f"{r['labelled_cases']} labelled + {r['unlabelled_cases']} unlabelled LA cases, lambda_c {r['lambda_c']}; "
-           f"calibration {r['calibration_s_per_iteration']:.3f} s / iteration, budget {r['budget_s']:.0f} s -> "
-           f"{r['iterations']} iterations (lr x0.1 every {r['lr_step']}); {r['wall_s']:.1f} s wall-clock, "
-           f"{r['engine_s_per_iteration']:.3f} s / iteration (median), data wait {r['data_wait_percent']:.1f} % of step time "
-           f"({r['num_workers']} loader workers).",
-           f"Loss {fmt(r['loss_start'], '.4f')} -> {fmt(r['loss_end'], '.4f')}, supervised soft-Dice loss "
-           f"{fmt(r['sup_dice_start'], '.4f')} -> {fmt(r['sup_dice_end'], '.4f')} (mean of the first / last tenth of the iterations).", "",
-           "| test case | Dice (class 1) | inference s | windows |", "|---|---|---|---|"]
+    out = [
+        f"{r['labelled_cases']} labelled + {r['unlabelled_cases']} unlabelled LA cases, lambda_c {r['lambda_c']}; "
+        f"calibration {r['calibration_s_per_iteration']:.3f} s / iteration, budget {r['budget_s']:.0f} s -> "
+        f"{r['iterations']} iterations (lr x0.1 every {r['lr_step']}); {r['wall_s']:.1f} s wall-clock, "
+        f"{r['engine_s_per_iteration']:.3f} s / iteration (median), data wait {r['data_wait_percent']:.1f} % of "
+        f"step time ({r['num_workers']} loader workers).",
+        f"Loss {fmt(r['loss_start'], '.4f')} -> {fmt(r['loss_end'], '.4f')}, supervised soft-Dice loss "
+        f"{fmt(r['sup_dice_start'], '.4f')} -> {fmt(r['sup_dice_end'], '.4f')} "
+        "(mean of the first / last tenth of the iterations).",
+        "",
+        "| test case | Dice (class 1) | inference s | windows |",
+        "|---|---|---|---|",
+    ]
     out += [f"| {c['case']} | {c['dice']:.4f} | {c['s']:.2f} | {c['windows']} |" for c in r["dice"]]
     out.append(f"| mean | {r['mean_dice']:.4f} | | |")
     return out
@@ -956,30 +1201,42 @@ def _md_real_data(r: dict[str, Any]) -> list[str]:
 def _md_projection(r: dict[str, Any]) -> list[str]:
     p = r["parts"]
     return [
-        f"`{r['formula']}`", "",
+        f"`{r['formula']}`",
+        "",
         f"- t1 = {r['t1_s']:.4f} s / iteration (section 4, `train()` with data loading); t_full,step = "
         f"{r['t_full_step_s']:.4f} s and t_aua_bcl,step = {r['t_aua_bcl_step_s']:.4f} s (section 1, "
         f"{r['step_precision']}, as `train()` runs), so t2 = "
         f"{r['t2_s']:.4f} s / iteration",
-        f"- t_pseudo = {r['t_pseudo_s_per_window']:.2e} s / window (`write_pseudo_label`, one case, {r['pseudo_case_s']:.2f} s), "
+        f"- t_pseudo = {r['t_pseudo_s_per_window']:.2e} s / window (`write_pseudo_label`, one case, "
+        f"{r['pseudo_case_s']:.2f} s), "
         f"w_train = {r['w_train_windows']:.1f} windows a case (mean of the prepared training cases)",
-        f"- t_proto = {r['t_proto_s_per_voxel']:.2e} s / voxel (`estimate_prototypes`, one case, {r['prototype_case_s']:.2f} s), "
+        f"- t_proto = {r['t_proto_s_per_voxel']:.2e} s / voxel (`estimate_prototypes`, one case, "
+        f"{r['prototype_case_s']:.2f} s), "
         f"v_train = {r['v_train_voxels']:.0f} voxels a case",
         f"- t_test = {r['t_test_s_per_window']:.2e} s / window (section 4's test inference), w_test = "
         f"{r['w_test_windows']:.1f} windows a case",
-        "", "| part | seconds | minutes |", "|---|---|---|",
+        "",
+        "| part | seconds | minutes |",
+        "|---|---|---|",
         *[f"| {k.removesuffix('_s').replace('_', ' ')} | {v:.0f} | {v / 60:.1f} |" for k, v in p.items()],
         f"| **total** | {r['total_s']:.0f} | {r['total_s'] / 60:.1f} ({r['total_h']:.2f} h) |",
-        "", "Not included: process and Snakemake start-up, file transfers, the other methods of the ablation table.",
+        "",
+        "Not included: process and Snakemake start-up, file transfers, the other methods of the ablation table.",
     ]
 
 
 SECTION_TABLES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "steps": _md_steps, "resume": _md_resume, "inference": _md_inference, "real_data": _md_real_data,
+    "steps": _md_steps,
+    "resume": _md_resume,
+    "inference": _md_inference,
+    "real_data": _md_real_data,
     "projection": _md_projection,
 }
 SECTION_FUNCTIONS: dict[str, Callable[[Context], tuple[dict[str, Any], list[Check]]]] = {
-    "steps": section_steps, "resume": section_resume, "inference": section_inference, "real_data": section_real_data,
+    "steps": section_steps,
+    "resume": section_resume,
+    "inference": section_inference,
+    "real_data": section_real_data,
     "projection": section_projection,
 }
 
@@ -992,8 +1249,12 @@ def run_section(ctx: Context, name: str) -> dict[str, Any]:
         results, checks = SECTION_FUNCTIONS[name](ctx)
         ctx.results[name] = results
         failed = [c for c in checks if c.enforced and not c.passed]
-        sec = {"status": "fail" if failed else "pass", "results": results,
-               "checks": [dataclasses.asdict(c) for c in checks], "error": None}
+        sec = {
+            "status": "fail" if failed else "pass",
+            "results": results,
+            "checks": [dataclasses.asdict(c) for c in checks],
+            "error": None,
+        }
     except Exception:  # noqa: BLE001  (recorded; the other sections still run)
         sec = {"status": "error", "results": None, "checks": [], "error": traceback.format_exc()}
     sec["wall_s"] = time.perf_counter() - t0
@@ -1012,7 +1273,30 @@ def json_safe(x: Any) -> Any:
     return x
 
 
-def run_check(s: Settings, data: Path, out: Path, device: str, sections: Sequence[str], work: Path | None) -> dict[str, Any]:
+def write_report(report: dict[str, Any], out: Path, t_start: float, complete: bool) -> dict[str, Any]:
+    """Summarise pass/fail, write ``device_check.json`` and ``.md`` to ``out``; return the JSON-safe report.
+
+    Called after every section, so that a run stopped by the device tool's time limit still
+    leaves what it measured (``complete`` false: the header says so).
+    """
+    report["failed"] = [f"{name} (error)" for name, sec in report["sections"].items() if sec["status"] == "error"] + [
+        f"{name}: {c['name']}"
+        for name, sec in report["sections"].items()
+        for c in sec["checks"]
+        if c["enforced"] and not c["passed"]
+    ]
+    report["complete"] = complete
+    report["passed"] = complete and not report["failed"]
+    report["wall_s"] = time.perf_counter() - t_start
+    safe = json_safe(report)
+    (out / "device_check.json").write_text(json.dumps(safe, indent=1) + "\n", encoding="utf-8")
+    (out / "device_check.md").write_text(markdown(safe) + "\n", encoding="utf-8")
+    return safe
+
+
+def run_check(
+    s: Settings, data: Path, out: Path, device: str, sections: Sequence[str], work: Path | None
+) -> dict[str, Any]:
     """Run the sections, write ``device_check.json`` and ``device_check.md`` to ``out``; return the report."""
     t_start = time.perf_counter()
     dev = resolve_device(device)
@@ -1027,35 +1311,36 @@ def run_check(s: Settings, data: Path, out: Path, device: str, sections: Sequenc
         for name in SECTIONS:
             if name in sections:
                 report["sections"][name] = run_section(ctx, name)
-    report["failed"] = [f"{name} (error)" for name, sec in report["sections"].items() if sec["status"] == "error"] + [
-        f"{name}: {c['name']}" for name, sec in report["sections"].items() for c in sec["checks"]
-        if c["enforced"] and not c["passed"]]
-    report["passed"] = not report["failed"]
-    report["wall_s"] = time.perf_counter() - t_start
-    report = json_safe(report)
-    (out / "device_check.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    (out / "device_check.md").write_text(markdown(report) + "\n", encoding="utf-8")
-    return report
+                write_report(report, out, t_start, complete=False)
+    return write_report(report, out, t_start, complete=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepare-data", action="store_true", help="copy real LA cases into --data (run here) and stop")
     ap.add_argument("--source", type=Path, default=LA_SOURCE, help="where --prepare-data reads the LA cases")
-    ap.add_argument("--data", type=Path, default=None,
-                    help=f"LA case folder with train.list / test.list (default: {PREPARED.relative_to(REPO)} if present, "
-                         "else the source)")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=f"LA case folder with train.list / test.list (default: {PREPARED.relative_to(REPO)} if present, "
+        "else the source)",
+    )
     ap.add_argument("--out", type=Path, help="folder for device_check.json / .md")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (no GPU needed)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset (projection needs steps, real_data)")
+    ap.add_argument(
+        "--sections", default=",".join(SECTIONS), help="comma-separated subset (projection needs steps, real_data)"
+    )
     ap.add_argument("--deadline-s", type=float, default=None, help="whole-run time the real-data run is cut to fit")
     ap.add_argument("--work", type=Path, default=None, help="keep work files (checkpoints, models) here")
     a = ap.parse_args(argv)
     if a.prepare_data:
         summary = prepare_data(a.source, a.data or PREPARED)
-        print(f"copied {len(summary['labelled'])} labelled + {len(summary['unlabelled'])} unlabelled training and "
-              f"{len(summary['test'])} test cases ({summary['mib']:.1f} MiB) to {summary['dest']}")
+        print(
+            f"copied {len(summary['labelled'])} labelled + {len(summary['unlabelled'])} unlabelled training and "
+            f"{len(summary['test'])} test cases ({summary['mib']:.1f} MiB) to {summary['dest']}"
+        )
         return 0
     if a.out is None:
         ap.error("--out is required")

@@ -13,7 +13,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -49,8 +48,15 @@ for name in BLOCKED:
 def run_blocked(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh Python with the blocked packages unimportable (cwd: the repository)."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    return subprocess.run([sys.executable, "-c", BLOCKER + code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER + code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def load_script():
@@ -72,10 +78,12 @@ def smoke(tmp_path_factory):
     if not LA_H5.is_dir():
         pytest.skip(f"real LA cases not found at {LA_H5} (set SEMISEG_LA_H5 to their folder)")
     out = tmp_path_factory.mktemp("device_check")
-    code = (f"import runpy\nsys.argv = ['device_check.py', '--smoke', '--data', {str(LA_H5)!r}, '--out', {str(out)!r}]\n"
-            f"try:\n    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
-            "finally:\n"
-            "    print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED))\n")
+    code = (
+        f"import runpy\nsys.argv = ['device_check.py', '--smoke', '--data', {str(LA_H5)!r}, '--out', {str(out)!r}]\n"
+        f"try:\n    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
+        "finally:\n"
+        "    print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED))\n"
+    )
     proc = run_blocked(code)
     report_path = out / "device_check.json"
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.exists() else None
@@ -99,14 +107,17 @@ def numbers(x, path="report"):
 def test_smoke_run_passes_every_section(smoke):
     proc, report, out = smoke
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert report is not None and report["passed"] and report["failed"] == []
+    assert report is not None and report["complete"] and report["passed"] and report["failed"] == []
     assert list(report["sections"]) == ["steps", "resume", "inference", "real_data", "projection"]
     for name, sec in report["sections"].items():
         assert sec["status"] == "pass", (name, sec["error"])
         assert sec["checks"] and all(c["passed"] for c in sec["checks"] if c["enforced"]), name
     runs = report["sections"]["steps"]["results"]["runs"]
     assert {(r["method"], r["amp"]) for r in runs} == {
-        (m, amp) for m in ("supervised", "fully_supervised", "aua", "aua_bcl", "aua_bcl_pl", "full") for amp in (False, True)}
+        (m, amp)
+        for m in ("supervised", "fully_supervised", "aua", "aua_bcl", "aua_bcl_pl", "full")
+        for amp in (False, True)
+    }
     for r in runs:
         assert r["s_per_iteration"] > 0 and r["bare_s_per_iteration"] > 0 and r["losses_finite"] and r["weights_finite"]
     bad = [(p, v) for p, v in numbers(report) if not math.isfinite(v)]
@@ -122,8 +133,13 @@ def test_smoke_run_writes_and_prints_the_summary(smoke):
     proc, report, out = smoke
     md = (out / "device_check.md").read_text(encoding="utf-8")
     assert md.strip() and md.strip() in proc.stdout  # printed, too
-    for title in ("Training step of every method", "Checkpoint and resume", "Sliding-window inference",
-                  "Short real-data run", "Projected time"):
+    for title in (
+        "Training step of every method",
+        "Checkpoint and resume",
+        "Sliding-window inference",
+        "Short real-data run",
+        "Projected time",
+    ):
         assert title in md
     assert "s / iteration" in md and "T = 6000 t1" in md and "torch " in md
     assert (out / "real_data_losses.csv").read_text(encoding="utf-8").startswith("iteration,")
@@ -146,7 +162,8 @@ def test_paper_constants_match_the_config():
     assert tuple(la["patch_size"]) == dc.LA_PATCH == dc.gpu_settings().patch
     assert tuple(la["stride"]) == dc.LA_STRIDE == dc.gpu_settings().stride
     assert la["splits"]["20pct"]["lambda_c"] == dc.LA_LAMBDA_C
-    assert la["splits"]["20pct"]["labelled_percent"] == 100 * dc.LABELLED_FRACTION
+    assert la["splits"]["20pct"]["labelled_percent"] == dc.LABELLED_PERCENT
+    assert [dc.n_labelled(n) for n in (4, 5, 6, 12, 15, 80)] == [1, 1, 2, 3, 3, 16]
     train = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))["training"]
     assert (train["iterations"], train["lr_step"], train["base_filters"]) == (dc.PAPER_ITERATIONS, dc.PAPER_LR_STEP, 16)
     assert dc.gpu_settings().width == train["base_filters"]
@@ -160,7 +177,9 @@ def test_prepare_data_copies_labelled_first_and_is_ignored(la_h5_dir, tmp_path):
     assert train == paper[:2] + paper[16:20]  # 20 % of 6 rounded up: 2 of the paper's labelled cases, then its pool
     assert (tmp_path / "la" / "test.list").read_text(encoding="utf-8").split() == summary["test"]
     for case in train + summary["test"]:
-        assert (tmp_path / "la" / case / "mri_norm2.h5").stat().st_size == (la_h5_dir / case / "mri_norm2.h5").stat().st_size
+        assert (tmp_path / "la" / case / "mri_norm2.h5").stat().st_size == (
+            la_h5_dir / case / "mri_norm2.h5"
+        ).stat().st_size
     cases = dc.load_cases(tmp_path / "la", 6, 1)
     assert [p.parent.name for p in cases.labelled] == paper[:2] and len(cases.unlabelled) == 4
     assert "/device_data/" in (REPO / ".gitignore").read_text(encoding="utf-8").split()
