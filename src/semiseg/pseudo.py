@@ -13,10 +13,10 @@ import hashlib
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +24,9 @@ from semiseg.inference import padding_for, sliding_window_predict, window_starts
 from semiseg.io.atomic import atomic_path
 from semiseg.prototypes import PrototypeStatistics
 from semiseg.training.engine import load_model, resolve_device
+
+if TYPE_CHECKING:  # pandas is imported where it is used: GPU machines may lack it
+    import pandas as pd
 
 
 def file_sha256(path: str | Path) -> str:
@@ -97,6 +100,8 @@ def pseudo_label_quality(pseudo_paths: Sequence[str | Path], case_paths: Sequenc
 
     Cases without ground truth are listed with an empty Dice. Written as CSV when ``out_path``.
     """
+    import pandas as pd
+
     rows = []
     for pp, cp in zip(pseudo_paths, case_paths, strict=True):
         with h5py.File(pp, "r") as fp, h5py.File(cp, "r") as fc:
