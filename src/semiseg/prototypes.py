@@ -30,29 +30,35 @@ class PrototypeStatistics:
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Merge ``features`` (N, F) with class ``labels`` (N,) (Eq. 13). Labels outside 0..C-1 are ignored."""
-        f = torch.as_tensor(features).detach().to("cpu", torch.float64)
-        y = torch.as_tensor(labels).detach().to("cpu").long().reshape(-1)
+        """Merge ``features`` (N, F) with class ``labels`` (N,) (Eq. 13). Labels outside 0..C-1 are ignored.
+
+        Each class's chunk count, mean and covariance are computed in float64 on the
+        features' device (a GPU in stage-2 training: only C x F x F numbers travel to the
+        CPU, not the N x F features) and merged into the running statistics on the CPU.
+        """
+        f = torch.as_tensor(features).detach()
+        y = torch.as_tensor(labels).detach().to(f.device).long().reshape(-1)
         if f.ndim != 2 or f.shape[1] != self.feature_dim or f.shape[0] != y.shape[0]:
             raise ValueError(f"expected features (N, {self.feature_dim}) and labels (N,), got {tuple(f.shape)} and {tuple(y.shape)}")
         with full_precision():  # float64 throughout, also under AMP
-            self._merge(f, y)
+            f = f.to(torch.float64)
+            for c in range(self.num_classes):
+                fc = f[y == c]
+                n = fc.shape[0]
+                if n == 0:
+                    continue
+                m = fc.mean(0)
+                d = fc - m
+                self._merge(c, n, m.cpu(), (d.T @ d / n).cpu())
 
-    def _merge(self, f: torch.Tensor, y: torch.Tensor) -> None:
-        for c in range(self.num_classes):
-            fc = f[y == c]
-            n = fc.shape[0]
-            if n == 0:
-                continue
-            m = fc.mean(0)
-            d = fc - m
-            s = d.T @ d / n
-            big_n = self._count[c]
-            total = big_n + n
-            delta = self._mean[c] - m
-            self._cov[c] = (big_n * self._cov[c] + n * s) / total + (big_n * n) * torch.outer(delta, delta) / total**2
-            self._mean[c] = (big_n * self._mean[c] + n * m) / total
-            self._count[c] = total
+    def _merge(self, c: int, n: int, m: torch.Tensor, s: torch.Tensor) -> None:
+        """Merge a chunk of ``n`` features of class ``c`` with mean ``m`` (F,) and covariance ``s`` (F, F)."""
+        big_n = self._count[c]
+        total = big_n + n
+        delta = self._mean[c] - m
+        self._cov[c] = (big_n * self._cov[c] + n * s) / total + (big_n * n) * torch.outer(delta, delta) / total**2
+        self._mean[c] = (big_n * self._mean[c] + n * m) / total
+        self._count[c] = total
 
     @property
     def mean(self) -> torch.Tensor:
