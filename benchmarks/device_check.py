@@ -1039,38 +1039,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit() -> str | None:
-    """The checkout's commit, when git and the repository are there."""
+def command_output(cmd: Sequence[str], timeout: float) -> str | None:
+    """A command's stripped standard output, or None when it fails, is missing or says nothing."""
     try:
-        return (
-            subprocess.run(
-                ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=True,
-            ).stdout.strip()
-            or None
-        )
+        out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+    return out or None
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, when git and the repository are there."""
+    return command_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], timeout=10)
 
 
 def nvidia_driver() -> str | None:
     """The NVIDIA driver version from ``nvidia-smi``, when it answers."""
-    try:
-        return (
-            subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-                check=True,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], timeout=20)
 
 
 def fmt(value: Any, spec: str) -> str:
