@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import yaml
 
 from semiseg.config import validate_config
 from semiseg.data.synthetic import generate_case
@@ -221,6 +222,27 @@ def test_the_same_downstream_rules_run_on_converted_and_extra_cases(layout_run):
     assert counts["pseudo_label"] == 3 and "preprocess_case" not in counts  # the extras get pseudo labels
     fully = out.split("rule train_fully_supervised:", 1)[1].split("rule ", 1)[0]
     assert "colon_001.h5" in fully and "colon_004" not in fully and "colon_006" not in fully  # no label: not used
+
+
+def test_resample_to_reruns_the_conversion_only(layout_run):
+    """raw.resample_to is a param of preprocess_case: changing it reruns the conversion of that
+    data set's cases (and so everything made from them), not its split nor other data sets."""
+    wd, _ = layout_run
+    before = (wd / "config.yaml").read_text(encoding="utf-8")
+    cfg = yaml.safe_load(before)
+    cfg["datasets"]["lah5"]["raw"]["resample_to"] = [1.25, 1.25, 1.25]
+    write_config(wd, cfg)
+    targets = ["results/preprocessed/lah5/summary.tsv", "results/splits/lah5/one/split.json",
+               "results/preprocessed/la/summary.tsv"]
+    try:
+        res = smk(wd, "-n", *targets)
+        assert res.returncode == 0, res.stderr
+        out = res.stdout + res.stderr
+        assert job_counts(out) == {"preprocess_case": 2, "preprocessing_summary": 1}
+        assert "reason: Params have changed since last execution" in out and "output: results/preprocessed/la/" not in out
+    finally:
+        (wd / "config.yaml").write_text(before, encoding="utf-8")
+    assert job_counts(smk(wd, "-n", *targets).stdout) == {}  # back as it was: nothing to do
 
 
 def test_real_la_community_cases(layout_run):
