@@ -1,15 +1,22 @@
 """A real-data run on the CPU: the supervised baseline vs the full method on real LA cases.
 
-Takes the community's LA HDF5 cases in ``--la`` (``../shared/data/la2018_h5``: 20 training
-and 4 test cases), downsamples them 2x (image: 2 x 2 x 2 block mean; label: block majority;
-1.25 mm), writes them as a ``community_h5`` raw data set in ``--workdir``, and runs the
-workflow (this checkout's Snakefile) up to the per-case metrics of the supervised baseline
-and the full method with ``--labelled`` labelled cases (the first of ``train.list``; the
-other training cases unlabelled), a width-``--width`` V-Net and ``--iterations`` iterations
-per stage. Prints the two-row table (paper protocol: the community's label-cropped volumes,
-distances in voxels of the 1.25 mm grid) and the wall-clock time.
+A thin caller of the workflow's ``la_lowres`` data set (config.yaml: the community's LA HDF5
+cases resampled to 1.25 mm when converted, patch 64 x 64 x 48, stride 9 x 9 x 2, width 8).
+It writes ``--workdir/config.yaml``: this checkout's config.yaml with only ``la_lowres``,
+its ``raw.dir`` and lists set to ``--la`` (``train.list``, ``test.list``; for
+``../shared/data/la2018_h5``: the 80 training and 4 test cases), a split of ``--labelled``
+labelled cases (the first of ``train.list``; the configured ``10pct`` / ``20pct`` split when
+it has that many, else ``<n>lab`` with LA's lambda_c), ``--iterations`` iterations per stage
+(learning rate x0.1 at 80 %), a width-``--width`` V-Net, and, as this benchmark always ran,
+stage 2 from the stage-1 model and 2000 BCL samples a crop. Then it runs the workflow
+(this checkout's Snakefile) up to the per-case metrics of the supervised baseline and the
+full method, and prints the two-row table (paper protocol: the community's label-cropped
+volumes, distances in voxels of the 1.25 mm grid) and the wall-clock time.
 
     python benchmarks/bench_la_cpu.py [--la ../shared/data/la2018_h5] [--iterations 300]
+
+The same data set without this script: ``snakemake --cores 2 results/tables/la_lowres_10pct.csv``
+(README, Real data).
 """
 
 from __future__ import annotations
@@ -20,69 +27,39 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
-import numpy as np
 import yaml
 
 from semiseg.evaluation import ablation_table
+from semiseg.splits import labelled_count, read_list
 
 REPO = Path(__file__).resolve().parents[1]
+DATASET = "la_lowres"
 
 
-def downsample2(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """2 x 2 x 2 block mean of ``image`` and block majority (>= 4 of 8) of ``label``;
-    a trailing odd voxel per axis is dropped."""
-    sl = tuple(slice(0, n - n % 2) for n in image.shape)
-    shape = tuple((n - n % 2) // 2 for n in image.shape)
-
-    def blocks(a):
-        return a[sl].reshape(shape[0], 2, shape[1], 2, shape[2], 2).astype(np.float32)
-
-    img = blocks(image).mean(axis=(1, 3, 5))
-    lab = (blocks(label).mean(axis=(1, 3, 5)) >= 0.5).astype(np.uint8)
-    return img.astype(np.float32), lab
-
-
-def prepare(la: Path, work: Path) -> tuple[list[str], list[str]]:
-    train = (la / "train.list").read_text(encoding="utf-8").split()
-    test = (la / "test.list").read_text(encoding="utf-8").split()
-    for case in train + test:
-        out = work / "raw" / case / "mri_norm2.h5"
-        if out.exists():
-            continue
-        with h5py.File(la / case / "mri_norm2.h5", "r") as f:
-            img, lab = downsample2(f["image"][...], f["label"][...])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp.h5")
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("image", data=img)
-            f.create_dataset("label", data=lab)
-        tmp.replace(out)
-    (work / "train.list").write_text("\n".join(train) + "\n", encoding="utf-8")
-    (work / "test.list").write_text("\n".join(test) + "\n", encoding="utf-8")
-    return train, test
-
-
-def write_config(work: Path, iterations: int, labelled: int, width: int) -> None:
+def write_config(work: Path, la: Path, iterations: int, labelled: int, width: int) -> str:
+    """Write ``work/config.yaml`` (the ``la_lowres`` block run on ``la``); return the split's name."""
     cfg = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
-    cfg["datasets"] = {
-        "la_small": {
-            "description": "LA 2018 community HDF5 cases, 2x downsampled (benchmark)",
-            "source": "../shared/data/la2018_h5",
-            "modality": "MR",
-            "classes": ["background", "left_atrium"],
-            "raw": {"dir": str(work / "raw"), "image": "{case}/mri_norm2.h5", "format": "community_h5",
-                    "spacing": [1.25, 1.25, 1.25]},
-            "patch_size": [64, 64, 32],
-            "stride": [9, 9, 2],  # the paper's LA stride (18, 18, 4) at half resolution
-            "split": {"test_list": str(work / "test.list"), "train_list": str(work / "train.list")},
-            "splits": {f"{labelled}lab": {"labelled_number": labelled, "lambda_c": 0.09}},
-            "training": {"iterations": iterations, "lr_step": int(0.8 * iterations), "base_filters": width,
-                         "bcl_max_samples": 2000, "stage2_init": "stage1", "checkpoint_every": 100, "num_workers": 1},
-        }
-    }
+    ds = cfg["datasets"][DATASET]
+    n_train = len(read_list(la / "train.list"))
+    counts = {name: s.get("labelled_number") or labelled_count(s["labelled_percent"], n_train)
+              for name, s in ds["splits"].items() if "labelled_ids" not in s}
+    named = [name for name, n in counts.items() if n == labelled]
+    if named:
+        split = named[0]
+        ds["splits"] = {split: ds["splits"][split]}
+    else:
+        split = f"{labelled}lab"
+        lambda_c = next(iter(ds["splits"].values()))["lambda_c"]
+        ds["splits"] = {split: {"labelled_number": labelled, "lambda_c": lambda_c}}
+    ds["raw"]["dir"] = str(la.resolve())
+    ds["split"] = {"test_list": str((la / "test.list").resolve()), "train_list": str((la / "train.list").resolve())}
+    ds["training"] = {**ds.get("training", {}), "iterations": iterations, "lr_step": max(1, int(0.8 * iterations)),
+                      "base_filters": width, "bcl_max_samples": 2000, "stage2_init": "stage1",
+                      "checkpoint_every": 100, "num_workers": 1}
+    cfg["datasets"] = {DATASET: ds}
     cfg["evaluation"]["protocol"] = "paper"
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return split
 
 
 def main() -> None:
@@ -95,14 +72,12 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=2)
     a = ap.parse_args()
     la, work = Path(a.la), Path(a.workdir)
-    if not (la / "train.list").exists():
+    if not (la / "train.list").exists() or not (la / "test.list").exists():
         sys.exit(f"no LA cases in {la} (expected train.list, test.list and <case>/mri_norm2.h5)")
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    train, test = prepare(la, work)
-    write_config(work, a.iterations, a.labelled, a.width)
-    split = f"{a.labelled}lab"
-    metrics = {m: work / f"results/metrics/la_small_{split}/{m}.csv" for m in ("supervised", "full")}
+    split = write_config(work, la, a.iterations, a.labelled, a.width)
+    metrics = {m: work / f"results/metrics/{DATASET}_{split}/{m}.csv" for m in ("supervised", "full")}
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
            "--cores", str(a.cores), "--workflow-profile", str(REPO / "workflow/profiles/default"),
            *[str(p.relative_to(work)) for p in metrics.values()]]
@@ -111,9 +86,10 @@ def main() -> None:
     if res.returncode:
         sys.exit(f"workflow failed ({res.returncode}); logs in {work / 'results/logs'}")
     elapsed = time.perf_counter() - t0
+    train, test = read_list(la / "train.list"), read_list(la / "test.list")
     n_l, n_u = a.labelled, len(train) - a.labelled
     ablation_table({k: str(v) for k, v in metrics.items()}, {"supervised": (n_l, 0), "full": (n_l, n_u)}, "voxel",
-                           work / "table.csv", work / "table.md", {"protocol": "paper", "unit": "voxel"})
+                   work / "table.csv", work / "table.md", {"protocol": "paper", "unit": "voxel"})
     print((work / "table.md").read_text(encoding="utf-8"))
     print(f"{len(train)} training ({n_l} labelled), {len(test)} test cases; {a.iterations} iterations a stage, "
           f"width {a.width}; wall-clock {elapsed / 60:.1f} min")

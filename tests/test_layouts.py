@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import yaml
 
 from semiseg.config import validate_config
 from semiseg.data.synthetic import generate_case
@@ -23,6 +24,7 @@ from semiseg.inference import write_prediction_nifti
 from semiseg.io.h5 import read_case
 from semiseg.io.readers import Geometry
 from semiseg.preprocessing import convert_community_case
+from semiseg.preprocessing.resampling import block_majority
 from tests.conftest import LA_H5, phantom, write_volume
 from tests.test_orientation import squared_case, tcia_label
 from tests.test_readers import write_dicom_series
@@ -120,8 +122,9 @@ def layout_run(tmp_path_factory):
         "la": write_la_nrrd(raw / "LA2018"),
         "lah5": write_community(raw / "LA2018_h5"),
     }
+    datasets["lah5lo"] = {**datasets["lah5"], "raw": {**datasets["lah5"]["raw"], "resample_to": [1.25, 1.25, 1.25]}}
     targets = [f"results/preprocessed/pancreas/PANCREAS_000{n}.h5" for n in (1, 2, 3)]
-    targets += [f"results/preprocessed/{d}/summary.tsv" for d in ("colon", "la", "lah5")]
+    targets += [f"results/preprocessed/{d}/summary.tsv" for d in ("colon", "la", "lah5", "lah5lo")]
     targets += [f"results/splits/{d}/one/split.json" for d in ("colon", "lah5")]
     if LA_H5.is_dir():  # the 4 test cases and the first 2 training cases of the shared lists (test time)
         test, train = (LA_H5 / "test.list").read_text(encoding="utf-8").split(), (LA_H5 / "train.list").read_text(encoding="utf-8").split()
@@ -221,6 +224,43 @@ def test_the_same_downstream_rules_run_on_converted_and_extra_cases(layout_run):
     assert counts["pseudo_label"] == 3 and "preprocess_case" not in counts  # the extras get pseudo labels
     fully = out.split("rule train_fully_supervised:", 1)[1].split("rule ", 1)[0]
     assert "colon_001.h5" in fully and "colon_004" not in fully and "colon_006" not in fully  # no label: not used
+
+
+def test_community_h5_resampled_by_the_rule(layout_run):
+    """raw.resample_to through the preprocess_case rule: the same files at 1.25 mm (2 x 2 x 2 blocks)."""
+    wd, _ = layout_run
+    src = wd / "raw" / "LA2018_h5" / "AAA1" / "mri_norm2.h5"
+    img, lab, attrs = read_case(wd / "results" / "preprocessed" / "lah5lo" / "AAA1.h5")
+    with h5py.File(src, "r") as f:
+        image, label = f["image"][...], f["label"][...]
+    assert img.shape == lab.shape == (20, 18, 10) and attrs["spacing"] == [1.25] * 3 and attrs["raw_size"] == [40, 36, 20]
+    assert np.allclose(img[3, 4, 5], image[6:8, 8:10, 10:12].mean()) and np.array_equal(lab, block_majority(label, (2, 2, 2), 2))
+    # The label box x 10..24, y 8..19, z 5..14: blocks half inside along one axis are foreground (ties), a quarter not.
+    assert lab.sum() == 6 * (7 * 4 + 1 * 4 + 7 * 2)
+    assert attrs["preprocessing"]["resample_to"] == [1.25] * 3 and attrs["resampling"].startswith("image: 2x2x2 block mean")
+    rows = list(csv.DictReader((wd / "results" / "preprocessed" / "lah5lo" / "summary.tsv").open(encoding="utf-8"), delimiter="\t"))
+    assert {r["spacing_mm"] for r in rows} == {"1.25x1.25x1.25"} and {r["raw_spacing_mm"] for r in rows} == {"0.625x0.625x0.625"}
+
+
+def test_resample_to_reruns_the_conversion_only(layout_run):
+    """raw.resample_to is a param of preprocess_case: changing it reruns the conversion of that
+    data set's cases (and so everything made from them), not its split nor other data sets."""
+    wd, _ = layout_run
+    before = (wd / "config.yaml").read_text(encoding="utf-8")
+    cfg = yaml.safe_load(before)
+    cfg["datasets"]["lah5"]["raw"]["resample_to"] = [1.25, 1.25, 1.25]
+    write_config(wd, cfg)
+    targets = ["results/preprocessed/lah5/summary.tsv", "results/splits/lah5/one/split.json",
+               "results/preprocessed/la/summary.tsv"]
+    try:
+        res = smk(wd, "-n", *targets)
+        assert res.returncode == 0, res.stderr
+        out = res.stdout + res.stderr
+        assert job_counts(out) == {"preprocess_case": 2, "preprocessing_summary": 1}
+        assert "reason: Params have changed since last execution" in out and "output: results/preprocessed/la/" not in out
+    finally:
+        (wd / "config.yaml").write_text(before, encoding="utf-8")
+    assert job_counts(smk(wd, "-n", *targets).stdout) == {}  # back as it was: nothing to do
 
 
 def test_real_la_community_cases(layout_run):

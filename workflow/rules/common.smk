@@ -171,7 +171,8 @@ def preprocessing_params(wildcards):
     Raw images: the preprocessing block (for an extra unlabelled image, crop_source is its
     unlabelled_crop_source; under the clean protocol a test case is cropped without its
     label), classes, label map. Community HDF5 files: the format, the voxel size, classes
-    and label map (the preprocessing block is not applied to them).
+    and label map (the preprocessing block is not applied to them), and raw.resample_to
+    when set.
     """
     ds = DATASETS[wildcards.dataset]
     ev = config["evaluation"]
@@ -182,12 +183,16 @@ def preprocessing_params(wildcards):
                 "cropped around the label, so evaluation.protocol 'clean' cannot apply to "
                 "them; use the 'paper' protocol, or the raw images (raw.format: image)"
             )
-        return {
+        settings = {
             "format": "community_h5",
             "spacing": ds["raw"]["spacing"],
             "classes": ds["classes"],
             "label_map": ds["label_map"],
         }
+        # Only when set: the params of cases converted as stored stay what they were.
+        if ds["raw"]["resample_to"] is not None:
+            settings["resample_to"] = ds["raw"]["resample_to"]
+        return settings
     pre = dict(ds["preprocessing"])
     unlabelled_crop = pre.pop("unlabelled_crop_source")
     if pre["label_orientation"] == "header":

@@ -1,7 +1,8 @@
 """Rule preprocess_case: one raw case -> one HDF5 case file.
 
 Raw images (NIfTI, NRRD, MHA, DICOM series) are preprocessed; the community's preprocessed
-HDF5 files (``raw.format: community_h5``) are converted unchanged.
+HDF5 files (``raw.format: community_h5``) are converted unchanged, or resampled to
+``raw.resample_to`` when that is set.
 """
 
 from semiseg.jobs import job
@@ -23,6 +24,7 @@ with job(snakemake.log[0], "preprocess") as log:  # noqa: F821
             classes=settings["classes"],
             label_map=None if settings["label_map"] is None else {int(k): int(v) for k, v in settings["label_map"].items()},
             dataset=snakemake.wildcards.dataset,  # noqa: F821
+            resample_to=settings.get("resample_to"),
         )
     else:
         params = PreprocessingParams.from_config(
