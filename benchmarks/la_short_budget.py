@@ -12,6 +12,9 @@ of that ingredient:
 - ``aua_sup_only``: ``aua`` with lambda_g = 0: the aleatoric head and the MC-integral NLL as
   the supervised term, no unlabelled signal: the supervised loss formulation alone;
 - ``aua``: AUA without BCL (lambda_c = 0);
+- ``bcl_sup_only``: ``aua_bcl`` with lambda_g = 0: BCL on top of the supervised term alone;
+- ``aua_bcl_lc001``: ``aua_bcl`` with lambda_c 0.01 (the paper's value at 5 % labelled);
+- ``aua_bcl_predrop``: ``aua_bcl`` with BCL on the decoder features before the last dropout;
 - ``*_drop01``: the same with dropout 0.1 instead of 0.5.
 
 Evaluation cases: the 4 shared test cases and ``--holdout`` cases held out of the end of the
@@ -52,6 +55,9 @@ VARIANTS: dict[str, dict] = {
     "aua_bcl": {"method": "aua_bcl", "lambda_c": 0.09},
     "aua_sup_only": {"method": "aua", "consistency_max": 0.0},
     "aua": {"method": "aua"},
+    "bcl_sup_only": {"method": "aua_bcl", "lambda_c": 0.09, "consistency_max": 0.0},
+    "aua_bcl_lc001": {"method": "aua_bcl", "lambda_c": 0.01},
+    "aua_bcl_predrop": {"method": "aua_bcl", "lambda_c": 0.09, "bcl_features": "before_dropout"},
     "supervised_drop01": {"method": "supervised", "dropout": 0.1},
     "aua_bcl_drop01": {"method": "aua_bcl", "lambda_c": 0.09, "dropout": 0.1},
 }

@@ -88,6 +88,29 @@ def test_step_is_finite_on_empty_foreground():
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("which", ["after_dropout", "before_dropout"])
+def test_bcl_takes_the_configured_features(which, monkeypatch):
+    """BCL projects the features after the last Dropout3d (released code) or before it."""
+    import semiseg.training.engine as engine
+
+    cfg = TrainConfig(method="aua_bcl", lambda_c=0.1, dropout=0.5, bcl_features=which, **TINY)
+    torch.manual_seed(0)
+    student, teacher = build_model(cfg), build_model(cfg)
+    seen = {}
+    monkeypatch.setattr(engine, "boundary_contrastive_loss",
+                        lambda f, *a, **k: seen.setdefault("features", f.detach().clone()).sum() * 0)
+    captured = {}
+    student.backbone.dec9.register_forward_hook(lambda m, i, o: captured.setdefault("dec9", o.detach().clone()))
+    y = torch.zeros(2, 16, 16, 16, dtype=torch.long)
+    y[:, 4:12, 4:12, 4:12] = 1
+    batch = {"image_l": torch.randn(2, 1, 16, 16, 16), "label_l": y, "image_u": torch.randn(2, 1, 16, 16, 16)}
+    Stage1Step(cfg, student, teacher)(batch, 0)
+    before = captured["dec9"][:2]  # the labelled crops' decoder output, before the dropout
+    assert torch.equal(seen["features"], before) == (which == "before_dropout")
+    with pytest.raises(ValueError, match="bcl_features"):
+        TrainConfig(method="aua_bcl", bcl_features="projection")
+
+
 def _weights(path):
     blob = torch.load(path, weights_only=True)
     return blob["student"], blob["teacher"]

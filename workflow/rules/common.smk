@@ -323,7 +323,7 @@ METHOD_KEYS = {
     "aua": TRAIN_COMMON + MEAN_TEACHER,
     "aua_bcl": TRAIN_COMMON
     + MEAN_TEACHER
-    + ("bcl_max_samples", "bcl_temperature", "projection_channels"),
+    + ("bcl_max_samples", "bcl_temperature", "bcl_features", "projection_channels"),
     "aua_bcl_pl": TRAIN_COMMON + ("unlabelled_batch", "stage2_init", "stage2_loss"),
     "full": TRAIN_COMMON
     + (

@@ -64,7 +64,8 @@ from semiseg.training.data import Augmentation, PatchBatches
 STAGE1_METHODS = ("supervised", "fully_supervised", "aua", "aua_bcl")
 STAGE2_METHODS = ("aua_bcl_pl", "full")
 METHODS = STAGE1_METHODS + STAGE2_METHODS
-STAGE2_LOSSES = ("authors", "pooled")  # how stage 2 groups its crops (Stage2Step)
+STAGE2_LOSSES = ("authors", "pooled")
+BCL_FEATURES = ("after_dropout", "before_dropout")  # which decoder features BCL projects (Stage1Step)  # how stage 2 groups its crops (Stage2Step)
 log = logging.getLogger("semiseg.training")
 
 
@@ -95,6 +96,7 @@ class TrainConfig:
     lambda_c: float = 0.0
     bcl_max_samples: int = 9000
     bcl_temperature: float = 0.07
+    bcl_features: str = "after_dropout"
     projection_channels: int = 16
     lambda_r: float = 0.0
     pcl_tau: float = 100.0
@@ -113,6 +115,8 @@ class TrainConfig:
             raise ValueError("method 'aua' has lambda_c = 0; use 'aua_bcl' for BCL")
         if self.stage2_init not in ("fresh", "stage1"):
             raise ValueError(f"stage2_init must be 'fresh' or 'stage1', got {self.stage2_init!r}")
+        if self.bcl_features not in BCL_FEATURES:
+            raise ValueError(f"bcl_features must be one of {BCL_FEATURES}, got {self.bcl_features!r}")
         if self.stage2_loss not in STAGE2_LOSSES:
             raise ValueError(f"stage2_loss must be one of {STAGE2_LOSSES}, got {self.stage2_loss!r}")
         if self.method == "aua_bcl_pl" and self.lambda_r:
@@ -330,7 +334,10 @@ class Stage1Step:
         terms = {"sup_nll": nll.item(), "sup_dice": dice.item(), "consistency": ged.item(), "lambda_g": lam_g}
         if cfg.method == "aua_bcl":
             # The projection head runs on the sampled band voxels only (BN statistics over those).
-            bcl = boundary_contrastive_loss(out.features[:n_l], y_l, cfg.bcl_max_samples, cfg.bcl_temperature,
+            # after_dropout: the features the heads see (the released code); before_dropout:
+            # the last decoder block's output before its Dropout3d (as PCL's anchors).
+            feats = out.features if cfg.bcl_features == "after_dropout" else out.decoder_features
+            bcl = boundary_contrastive_loss(feats[:n_l], y_l, cfg.bcl_max_samples, cfg.bcl_temperature,
                                             projection=self.student.project_rows)
             loss = loss + cfg.lambda_c * bcl
             terms["bcl"] = bcl.item()
