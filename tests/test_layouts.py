@@ -216,8 +216,8 @@ def test_community_h5_converted_unchanged(layout_run, tmp_path):
 
 def test_the_same_downstream_rules_run_on_converted_and_extra_cases(layout_run):
     wd, _ = layout_run
-    res = smk(wd, "-n", "results/models/colon_one/stage2_full/model.pt", "results/models/colon/fully_supervised/model.pt",
-              "results/models/lah5_one/stage1_aua_bcl/model.pt")
+    res = smk(wd, "-n", "results/models/colon_one/seed1337/stage2_full/model.pt", "results/models/colon/seed1337/fully_supervised/model.pt",
+              "results/models/lah5_one/seed1337/stage1_aua_bcl/model.pt")
     assert res.returncode == 0, res.stderr
     out = res.stdout + res.stderr
     counts = job_counts(out)

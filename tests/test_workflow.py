@@ -157,10 +157,10 @@ def test_keep_going_with_bad_cases(tmp_path):
     assert "case empty_1" in res.stderr and "case trunc_1" in res.stderr
 
 
-MODELS = [f"results/models/demo_5pct/stage1_{m}/model.pt" for m in ("supervised", "aua", "aua_bcl")] + [
-    "results/models/demo/fully_supervised/model.pt"
-] + [f"results/models/demo_5pct/stage2_{m}/model.pt" for m in ("aua_bcl_pl", "full")] + [
-    "results/pseudo/demo_5pct/quality.csv"
+MODELS = [f"results/models/demo_5pct/seed1337/stage1_{m}/model.pt" for m in ("supervised", "aua", "aua_bcl")] + [
+    "results/models/demo/seed1337/fully_supervised/model.pt"
+] + [f"results/models/demo_5pct/seed1337/stage2_{m}/model.pt" for m in ("aua_bcl_pl", "full")] + [
+    "results/pseudo/demo_5pct/seed1337/quality.csv"
 ]
 TABLE = "results/tables/demo_5pct.csv"
 FIGURES = [f"results/figures/demo_5pct/{name}.png" for name in ("qualitative", "training_curves", "pseudo_quality")]
@@ -193,11 +193,11 @@ def test_micro_demo_end_to_end(micro_run):
         assert (run_dir / "model.pt").stat().st_size > 0
         rows = (run_dir / "losses.csv").read_text(encoding="utf-8").splitlines()
         assert len(rows) == 3 and rows[0].startswith("iteration,lr,")
-    log = (micro_run / "results/logs/train/demo_5pct_stage1_aua_bcl.log").read_text(encoding="utf-8")
+    log = (micro_run / "results/logs/train/demo_5pct/seed1337/stage1_aua_bcl.log").read_text(encoding="utf-8")
     assert "training aua_bcl" in log and "lambda_c=0.01" in log
-    quality = (micro_run / "results/pseudo/demo_5pct/quality.csv").read_text(encoding="utf-8").splitlines()
+    quality = (micro_run / "results/pseudo/demo_5pct/seed1337/quality.csv").read_text(encoding="utf-8").splitlines()
     assert quality[0] == "case,dice" and len(quality) == 2 + 2 and quality[-1].startswith("mean,")
-    assert (micro_run / "results/prototypes/demo_5pct/prototypes.npz").exists()
+    assert (micro_run / "results/prototypes/demo_5pct/seed1337/prototypes.npz").exists()
     assert smk(micro_run, "-n", "all").stdout.count("rule ") == 0  # up to date
 
 
@@ -250,9 +250,9 @@ def test_change_one_value_reruns_only_dependents(micro_run, change, expected):
         assert job_counts(res.stdout + res.stderr) == expected
         out = res.stdout + res.stderr
         if expected.get("train_stage1") in (1, 2):
-            assert "output: results/models/demo_5pct/stage1_supervised" not in out
+            assert "output: results/models/demo_5pct/seed1337/stage1_supervised" not in out
         if expected.get("train_stage2") == 1:
-            assert "output: results/models/demo_5pct/stage2_aua_bcl_pl" not in out
+            assert "output: results/models/demo_5pct/seed1337/stage2_aua_bcl_pl" not in out
     finally:
         write_config(micro_run, micro_config())
 
@@ -264,13 +264,13 @@ def test_stage1_iteration_picks_the_snapshot(tmp_path):
     cfg = micro_config()
     cfg["between_stages"]["stage1_iteration"] = 1
     write_config(tmp_path, cfg)
-    targets = ["results/models/demo_5pct/stage2_full/model.pt", "results/models/demo_5pct/stage1_aua/model.pt"]
+    targets = ["results/models/demo_5pct/seed1337/stage2_full/model.pt", "results/models/demo_5pct/seed1337/stage1_aua/model.pt"]
     res = smk(tmp_path, "-n", *targets)
     assert res.returncode == 0, res.stderr
     out = res.stdout + res.stderr
     counts = job_counts(out)
     assert counts["train_stage1_snapshot"] == 1 and counts["train_stage1"] == 1  # aua_bcl with the snapshot; aua without
-    snapshot = "results/models/demo_5pct/stage1_aua_bcl/model_iter1.pt"
+    snapshot = "results/models/demo_5pct/seed1337/stage1_aua_bcl/model_iter1.pt"
     assert re.search(rf"rule train_stage1_snapshot:\n(?:    .*\n)*?    output: [^\n]*{snapshot}", out)
     for rule in ("pseudo_label", "prototypes"):
         blocks = re.findall(rf"^rule {rule}:\n((?:    .*\n)+)", out, flags=re.M)
@@ -287,7 +287,7 @@ def test_stage1_iteration_picks_the_snapshot(tmp_path):
 def test_demo_ablation_dag_shares_the_artifacts(tmp_path):
     """Stage-1 model, each pseudo label and the prototype file: made once, used by both stage-2 runs."""
     write_config(tmp_path, micro_config())
-    targets = [f"results/models/demo_5pct/stage2_{m}/model.pt" for m in ("aua_bcl_pl", "full")]
+    targets = [f"results/models/demo_5pct/seed1337/stage2_{m}/model.pt" for m in ("aua_bcl_pl", "full")]
     res = smk(tmp_path, "-n", *targets)
     assert res.returncode == 0, res.stderr
     counts = job_counts(res.stdout + res.stderr)
@@ -315,7 +315,7 @@ def test_micro_table(micro_run):
     assert len(table) == 1 + 6 and table[1].startswith("Supervised baseline,1,0,")
     assert table[-1].startswith("Fully supervised (upper bound),3,0,")
     assert (micro_run / "results/tables/demo_5pct.md").exists()
-    preds = sorted((micro_run / "results/predictions/demo_5pct/full").iterdir())
+    preds = sorted((micro_run / "results/predictions/demo_5pct/seed1337/full").iterdir())
     assert sorted(p.name.split(".", 1)[1] for p in preds) == ["h5", "nii.gz"]
 
 
@@ -365,8 +365,8 @@ def test_micro_sweep_tables(micro_run):
     full = pd.read_csv(micro_run / TABLE).set_index("Method").loc["AUA + BCL + Pseudo labeling + PCL (Full)"]
     assert lc.iloc[0]["Dice[%]"] == full["Dice[%]"] == unl.iloc[1]["Dice[%]"]
     # ... and the other rows come from their own runs through the same rules.
-    assert (micro_run / "results/models/demo_5pct-lc0.05/stage2_full/model.pt").exists()
-    assert not (micro_run / "results/models/demo_5pct-lc0.05/stage1_aua").exists()
+    assert (micro_run / "results/models/demo_5pct-lc0.05/seed1337/stage2_full/model.pt").exists()
+    assert not (micro_run / "results/models/demo_5pct-lc0.05/seed1337/stage1_aua").exists()
     assert len((micro_run / "results/splits/demo/5pct-u1/unlabelled.txt").read_text(encoding="utf-8").split()) == 1
     md = (micro_run / "results/tables/demo_5pct_lambda_c.md").read_text(encoding="utf-8")
     assert md.startswith("Evaluation protocol: **paper** (the field's protocol behind the paper's tables: test cases "
@@ -375,7 +375,7 @@ def test_micro_sweep_tables(micro_run):
 
 
 def test_unknown_sweep_variant_and_too_many_unlabelled_fail_clearly(micro_run):
-    res = smk(micro_run, "-n", "results/models/demo_5pct-u9/stage1_aua_bcl/model.pt")
+    res = smk(micro_run, "-n", "results/models/demo_5pct-u9/seed1337/stage1_aua_bcl/model.pt")
     assert res.returncode != 0 and "asks for 9 unlabelled cases, but the split has only 2" in res.stdout + res.stderr
     cfg = micro_config()
     del cfg["datasets"]["demo"]["splits"]["5pct"]["sweep"]
@@ -425,5 +425,63 @@ def test_change_one_value_rebuilds_tables_and_figures(micro_run, change, targets
         res = smk(micro_run, "-n", *targets)
         assert res.returncode == 0, res.stderr
         assert job_counts(res.stdout + res.stderr) == expected
+    finally:
+        write_config(micro_run, micro_config())
+
+
+COMPARISON = "results/tables/demo_5pct_comparison.csv"
+OURS = ["supervised", "aua_bcl", "full", "fully_supervised"]
+
+
+def test_adding_a_method_or_a_seed_trains_only_it(micro_run):
+    """comparison.methods and seeds: a new method trains only that method, a new seed only
+    that seed's runs (the existing seed's models are reused)."""
+    cfg = micro_config()
+    cfg["comparison"] = {"methods": OURS}
+    write_config(micro_run, cfg)
+    try:
+        res = smk(micro_run, "-n", COMPARISON)
+        assert res.returncode == 0, res.stderr
+        assert job_counts(res.stdout + res.stderr) == {"comparison_table": 1}  # every model and metric file exists
+        cfg["comparison"] = {"methods": OURS + ["mt"]}
+        write_config(micro_run, cfg)
+        res = smk(micro_run, "-n", COMPARISON)
+        out = res.stdout + res.stderr
+        assert job_counts(out) == {"train_stage1": 1, "predict_case": 1, "case_metrics": 1, "comparison_table": 1}
+        assert "output: results/models/demo_5pct/seed1337/stage1_mt/model.pt" in out
+        cfg["comparison"] = {"methods": OURS}
+        cfg["datasets"]["demo"]["seeds"] = [1337, 1338]
+        write_config(micro_run, cfg)
+        res = smk(micro_run, "-n", COMPARISON)
+        out = res.stdout + res.stderr
+        assert job_counts(out) == {"train_stage1": 2, "train_fully_supervised": 1, "pseudo_label": 2, "prototypes": 1,
+                                   "train_stage2": 1, "predict_case": 4, "case_metrics": 4, "comparison_table": 1}
+        trained = [line for line in out.splitlines() if line.strip().startswith("output: results/models")]
+        assert len(trained) == 4 and all("/seed1338/" in line for line in trained)
+    finally:
+        write_config(micro_run, micro_config())
+
+
+def test_micro_comparison_two_seeds(micro_run):
+    """The comparison table end to end with two seeds and every method of the engine."""
+    import pandas as pd
+
+    cfg = micro_config()
+    cfg["datasets"]["demo"]["seeds"] = [1337, 1338]
+    write_config(micro_run, cfg)
+    try:
+        res = smk(micro_run, "--cores", "2", COMPARISON, "results/figures/demo_5pct/comparison.png")
+        assert res.returncode == 0, res.stderr[-3000:]
+        table = pd.read_csv(micro_run / COMPARISON)
+        assert list(table["Method"]) == ["Supervised baseline", "MT", "UA-MT", "BCP", "Ours (first stage)", "Ours (full)",
+                                         "Fully supervised (upper bound)"]
+        assert set(table["Seeds"]) == {2}
+        per_seed = pd.read_csv(micro_run / "results/tables/demo_5pct_comparison_per_seed.csv")
+        assert len(per_seed) == 7 * 2
+        md = (micro_run / "results/tables/demo_5pct_comparison.md").read_text(encoding="utf-8")
+        assert "2 seeds" in md
+        for method in ("mt", "uamt", "bcp"):
+            for seed in (1337, 1338):
+                assert (micro_run / f"results/models/demo_5pct/seed{seed}/stage1_{method}/model.pt").exists()
     finally:
         write_config(micro_run, micro_config())

@@ -51,6 +51,7 @@ def validate_config(config: dict[str, Any], schema_path: str | Path | None = Non
     Raises :class:`ConfigError` whose message names the offending key as a dotted path
     (``datasets.demo.preprocessing.crop_margin: -1 is less than the minimum of 0``).
     """
+    _check_moved_keys(config)
     path = Path(schema_path) if schema_path is not None else DEFAULT_SCHEMA
     with open(path, encoding="utf-8") as fh:
         schema = yaml.safe_load(fh)
@@ -64,6 +65,20 @@ def validate_config(config: dict[str, Any], schema_path: str | Path | None = Non
             merged = {**config.get("training", {}), **ds["training"]}
             _raise_first(plain.iter_errors(merged), prefix=f"datasets.{name}.training.")
     return config
+
+
+def _check_moved_keys(config: dict[str, Any]) -> None:
+    """Keys that moved: a one-line error that says where to (instead of "not allowed")."""
+    blocks = [("training", config.get("training"))] + [
+        (f"datasets.{name}.training", ds.get("training")) for name, ds in (config.get("datasets") or {}).items()
+        if isinstance(ds, dict)
+    ]
+    for where, block in blocks:
+        if isinstance(block, dict) and "seed" in block:
+            raise ConfigError(
+                f"invalid configuration: {where}.seed: the training seed is now the list 'seeds' (top level, or per "
+                f"data set: datasets.<name>.seeds), e.g. seeds: [{block['seed']}]"
+            )
 
 
 def _raise_first(errors, prefix: str) -> None:

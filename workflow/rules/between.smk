@@ -8,9 +8,9 @@ rule pseudo_label:
         model=between_stages_model_file,
         case=f"{RESULTS}/preprocessed/{{dataset}}/{{case}}.h5",
     output:
-        f"{RESULTS}/pseudo/{{dataset}}_{{split}}/{{case}}.h5",
+        f"{RESULTS}/pseudo/{{dataset}}_{{split}}/seed{{seed}}/{{case}}.h5",
     log:
-        f"{RESULTS}/logs/pseudo/{{dataset}}_{{split}}/{{case}}.log",
+        f"{RESULTS}/logs/pseudo/{{dataset}}_{{split}}/seed{{seed}}/{{case}}.log",
     conda:
         "../../envs/semiseg.yaml"
     threads: 1
@@ -27,9 +27,9 @@ rule pseudo_label_quality:
     input:
         unpack(pseudo_quality_inputs),
     output:
-        f"{RESULTS}/pseudo/{{dataset}}_{{split}}/quality.csv",
+        f"{RESULTS}/pseudo/{{dataset}}_{{split}}/seed{{seed}}/quality.csv",
     log:
-        f"{RESULTS}/logs/pseudo/{{dataset}}_{{split}}/quality.log",
+        f"{RESULTS}/logs/pseudo/{{dataset}}_{{split}}/seed{{seed}}/quality.log",
     conda:
         "../../envs/semiseg.yaml"
     script:
@@ -40,9 +40,9 @@ rule prototypes:
     input:
         unpack(prototype_inputs),
     output:
-        f"{RESULTS}/prototypes/{{dataset}}_{{split}}/prototypes.npz",
+        f"{RESULTS}/prototypes/{{dataset}}_{{split}}/seed{{seed}}/prototypes.npz",
     log:
-        f"{RESULTS}/logs/prototypes/{{dataset}}_{{split}}.log",
+        f"{RESULTS}/logs/prototypes/{{dataset}}_{{split}}/seed{{seed}}.log",
     conda:
         "../../envs/semiseg.yaml"
     threads: 2

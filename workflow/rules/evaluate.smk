@@ -1,16 +1,18 @@
-# Evaluation: sliding-window predictions of the test cases (one job per model and case),
-# per-case metrics per model, the ablation table (paper, Table V) and the sweep tables
-# (Tables VII and VIII: the full method over lambda_c or the number of unlabelled cases).
+# Evaluation: sliding-window predictions of the test cases (one job per model, seed and
+# case), per-case metrics per model and seed, and the tables over the seeds: the ablation
+# table (paper, Table V), the sweep tables (Tables VII and VIII: the full method over
+# lambda_c or the number of unlabelled cases) and the comparison with the baselines (Tables
+# II-IV). Each table has a per-seed CSV next to it.
 
 
 rule predict_case:
     input:
         unpack(predict_inputs),
     output:
-        h5=f"{RESULTS}/predictions/{{dataset}}_{{split}}/{{model}}/{{case}}.h5",
-        nifti=f"{RESULTS}/predictions/{{dataset}}_{{split}}/{{model}}/{{case}}.nii.gz",
+        h5=f"{RESULTS}/predictions/{{dataset}}_{{split}}/seed{{seed}}/{{model}}/{{case}}.h5",
+        nifti=f"{RESULTS}/predictions/{{dataset}}_{{split}}/seed{{seed}}/{{model}}/{{case}}.nii.gz",
     log:
-        f"{RESULTS}/logs/predict/{{dataset}}_{{split}}/{{model}}/{{case}}.log",
+        f"{RESULTS}/logs/predict/{{dataset}}_{{split}}/seed{{seed}}/{{model}}/{{case}}.log",
     conda:
         "../../envs/semiseg.yaml"
     threads: 1
@@ -30,9 +32,9 @@ rule case_metrics:
     input:
         unpack(metrics_inputs),
     output:
-        f"{RESULTS}/metrics/{{dataset}}_{{split}}/{{model}}.csv",
+        f"{RESULTS}/metrics/{{dataset}}_{{split}}/seed{{seed}}/{{model}}.csv",
     log:
-        f"{RESULTS}/logs/metrics/{{dataset}}_{{split}}/{{model}}.log",
+        f"{RESULTS}/logs/metrics/{{dataset}}_{{split}}/seed{{seed}}/{{model}}.log",
     conda:
         "../../envs/semiseg.yaml"
     params:
@@ -48,11 +50,13 @@ rule ablation_table:
     output:
         csv=f"{RESULTS}/tables/{{dataset}}_{{split}}.csv",
         md=f"{RESULTS}/tables/{{dataset}}_{{split}}.md",
+        per_seed=f"{RESULTS}/tables/{{dataset}}_{{split}}_per_seed.csv",
     log:
         f"{RESULTS}/logs/tables/{{dataset}}_{{split}}.log",
     conda:
         "../../envs/semiseg.yaml"
     params:
+        seeds=lambda w: seeds(w.dataset),
         counts=scan_counts,
         evaluation=evaluation_settings(),
     script:
@@ -65,6 +69,7 @@ rule sweep_table:
     output:
         csv=f"{RESULTS}/tables/{{dataset}}_{{split}}_{{sweep}}.csv",
         md=f"{RESULTS}/tables/{{dataset}}_{{split}}_{{sweep}}.md",
+        per_seed=f"{RESULTS}/tables/{{dataset}}_{{split}}_{{sweep}}_per_seed.csv",
     log:
         f"{RESULTS}/logs/tables/{{dataset}}_{{split}}_{{sweep}}.log",
     wildcard_constraints:
@@ -72,7 +77,28 @@ rule sweep_table:
     conda:
         "../../envs/semiseg.yaml"
     params:
+        seeds=lambda w: seeds(w.dataset),
         rows=sweep_params,
         evaluation=evaluation_settings(),
     script:
         "../scripts/sweep_table.py"
+
+
+rule comparison_table:
+    input:
+        unpack(comparison_inputs),
+    output:
+        csv=f"{RESULTS}/tables/{{dataset}}_{{split}}_comparison.csv",
+        md=f"{RESULTS}/tables/{{dataset}}_{{split}}_comparison.md",
+        per_seed=f"{RESULTS}/tables/{{dataset}}_{{split}}_comparison_per_seed.csv",
+    log:
+        f"{RESULTS}/logs/tables/{{dataset}}_{{split}}_comparison.log",
+    conda:
+        "../../envs/semiseg.yaml"
+    params:
+        methods=lambda w: comparison_methods(),
+        seeds=lambda w: seeds(w.dataset),
+        counts=comparison_counts,
+        evaluation=evaluation_settings(),
+    script:
+        "../scripts/comparison_table.py"

@@ -53,7 +53,7 @@ rule figure_training_curves:
 
 rule figure_pseudo_quality:
     input:
-        f"{RESULTS}/pseudo/{{dataset}}_{{split}}/quality.csv",
+        pseudo_quality_figure_input,
     output:
         report(
             f"{RESULTS}/figures/{{dataset}}_{{split}}/pseudo_quality.png",
@@ -93,3 +93,26 @@ rule figure_sweep:
         dpi=figure_options("sweeps")["dpi"],
     script:
         "../scripts/figure_sweep.py"
+
+
+rule figure_comparison:
+    input:
+        unpack(comparison_inputs),
+    output:
+        report(
+            f"{RESULTS}/figures/{{dataset}}_{{split}}/comparison.png",
+            caption="../report/comparison.rst",
+            category="Figures",
+            subcategory="{dataset} {split}",
+        ),
+    log:
+        f"{RESULTS}/logs/figures/{{dataset}}_{{split}}_comparison.log",
+    conda:
+        "../../envs/semiseg.yaml"
+    params:
+        methods=lambda w: comparison_methods(),
+        seeds=lambda w: seeds(w.dataset),
+        size=figure_options("comparison")["size"],
+        dpi=figure_options("comparison")["dpi"],
+    script:
+        "../scripts/figure_comparison.py"

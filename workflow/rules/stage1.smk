@@ -6,10 +6,10 @@ rule train_stage1:
     input:
         unpack(stage1_inputs),
     output:
-        model=f"{RESULTS}/models/{{dataset}}_{{split}}/stage1_{{method}}/model.pt",
-        losses=f"{RESULTS}/models/{{dataset}}_{{split}}/stage1_{{method}}/losses.csv",
+        model=f"{RESULTS}/models/{{dataset}}_{{split}}/seed{{seed}}/stage1_{{method}}/model.pt",
+        losses=f"{RESULTS}/models/{{dataset}}_{{split}}/seed{{seed}}/stage1_{{method}}/losses.csv",
     log:
-        f"{RESULTS}/logs/train/{{dataset}}_{{split}}_stage1_{{method}}.log",
+        f"{RESULTS}/logs/train/{{dataset}}_{{split}}/seed{{seed}}/stage1_{{method}}.log",
     wildcard_constraints:
         method=TRAIN_STAGE1_METHODS,
     conda:
@@ -18,7 +18,7 @@ rule train_stage1:
     resources:
         gpu=1,
     params:
-        train=lambda w: train_params(w.dataset, w.method, w.split),
+        train=train_params,
     script:
         "../scripts/train.py"
 
@@ -31,11 +31,11 @@ if STAGE1_SNAPSHOT is not None:
         input:
             unpack(stage1_inputs),
         output:
-            model=f"{RESULTS}/models/{{dataset}}_{{split}}/stage1_{{method}}/model.pt",
-            losses=f"{RESULTS}/models/{{dataset}}_{{split}}/stage1_{{method}}/losses.csv",
-            snapshot=f"{RESULTS}/models/{{dataset}}_{{split}}/stage1_{{method}}/{STAGE1_SNAPSHOT}",
+            model=f"{RESULTS}/models/{{dataset}}_{{split}}/seed{{seed}}/stage1_{{method}}/model.pt",
+            losses=f"{RESULTS}/models/{{dataset}}_{{split}}/seed{{seed}}/stage1_{{method}}/losses.csv",
+            snapshot=f"{RESULTS}/models/{{dataset}}_{{split}}/seed{{seed}}/stage1_{{method}}/{STAGE1_SNAPSHOT}",
         log:
-            f"{RESULTS}/logs/train/{{dataset}}_{{split}}_stage1_{{method}}.log",
+            f"{RESULTS}/logs/train/{{dataset}}_{{split}}/seed{{seed}}/stage1_{{method}}.log",
         wildcard_constraints:
             method="aua_bcl",
         conda:
@@ -44,8 +44,8 @@ if STAGE1_SNAPSHOT is not None:
         resources:
             gpu=1,
         params:
-            train=lambda w: train_params(w.dataset, w.method, w.split),
-            snapshot=lambda w: stage1_snapshot_iteration(w.dataset),
+            train=train_params,
+            snapshot=stage1_snapshot_iteration,
         script:
             "../scripts/train.py"
 
@@ -54,16 +54,16 @@ rule train_fully_supervised:
     input:
         unpack(fully_supervised_inputs),
     output:
-        model=f"{RESULTS}/models/{{dataset}}/fully_supervised/model.pt",
-        losses=f"{RESULTS}/models/{{dataset}}/fully_supervised/losses.csv",
+        model=f"{RESULTS}/models/{{dataset}}/seed{{seed}}/fully_supervised/model.pt",
+        losses=f"{RESULTS}/models/{{dataset}}/seed{{seed}}/fully_supervised/losses.csv",
     log:
-        f"{RESULTS}/logs/train/{{dataset}}_fully_supervised.log",
+        f"{RESULTS}/logs/train/{{dataset}}/seed{{seed}}/fully_supervised.log",
     conda:
         "../../envs/semiseg.yaml"
     threads: 4
     resources:
         gpu=1,
     params:
-        train=lambda w: train_params(w.dataset, "fully_supervised"),
+        train=lambda w: train_params(w, "fully_supervised"),
     script:
         "../scripts/train.py"

@@ -6,16 +6,16 @@ rule train_stage2:
     input:
         unpack(stage2_inputs),
     output:
-        model=f"{RESULTS}/models/{{dataset}}_{{split}}/stage2_{{method2}}/model.pt",
-        losses=f"{RESULTS}/models/{{dataset}}_{{split}}/stage2_{{method2}}/losses.csv",
+        model=f"{RESULTS}/models/{{dataset}}_{{split}}/seed{{seed}}/stage2_{{method2}}/model.pt",
+        losses=f"{RESULTS}/models/{{dataset}}_{{split}}/seed{{seed}}/stage2_{{method2}}/losses.csv",
     log:
-        f"{RESULTS}/logs/train/{{dataset}}_{{split}}_stage2_{{method2}}.log",
+        f"{RESULTS}/logs/train/{{dataset}}_{{split}}/seed{{seed}}/stage2_{{method2}}.log",
     conda:
         "../../envs/semiseg.yaml"
     threads: 4
     resources:
         gpu=1,
     params:
-        train=lambda w: train_params(w.dataset, w.method2, w.split),
+        train=train_params,
     script:
         "../scripts/train.py"
