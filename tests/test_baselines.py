@@ -130,8 +130,8 @@ def test_uncertainty_threshold_ramp(iteration, phase):
 
 
 def test_uncertainty_threshold_values_and_options():
-    assert uncertainty_threshold(0, 6000) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(2))  # 0.52102
-    assert uncertainty_threshold(3000, 6000) == pytest.approx((0.75 + 0.25 * math.exp(-1.25)) * math.log(2))  # 0.57163
+    assert uncertainty_threshold(0, 6000) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(2))  # 0.52103
+    assert uncertainty_threshold(3000, 6000) == pytest.approx((0.75 + 0.25 * math.exp(-1.25)) * math.log(2))  # 0.56951
     assert uncertainty_threshold(6000, 6000) == pytest.approx(math.log(2))
     assert uncertainty_threshold(6000, 6000, num_classes=3) == pytest.approx(math.log(3))
     assert uncertainty_threshold(0, 100, num_classes=4, start=0.5) == pytest.approx((0.5 + 0.5 * math.exp(-5)) * math.log(4))
