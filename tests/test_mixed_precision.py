@@ -33,6 +33,7 @@ from semiseg.losses import (
 )
 from semiseg.networks import SegmentationNet
 from semiseg.prototypes import PrototypeStatistics
+from semiseg.training.baselines import BASELINE_STEPS
 from semiseg.training.engine import Stage1Step, Stage2Step, TrainConfig, build_model
 
 P96 = (96, 96, 96)
@@ -155,9 +156,9 @@ def test_bcl_backward_runs_in_the_forward_precision():
 # convolutions are emulated, slowly, on a CPU.
 CASES = [
     ("supervised", P112), ("fully_supervised", P96), ("aua", P112), ("aua_bcl", P96),
-    ("aua_bcl_pl", P96), ("full", P112),
+    ("aua_bcl_pl", P96), ("full", P112), ("mt", P96), ("uamt", P112),
 ]
-SLOW_CASES = [("aua", P96), ("aua_bcl", P112)]
+SLOW_CASES = [("aua", P96), ("aua_bcl", P112), ("mt", P112), ("uamt", P96)]
 STEP_PARAMS = [pytest.param(m, p, torch.float16, id=f"{m}-{'x'.join(map(str, p))}-float16") for m, p in CASES] + [
     pytest.param(m, p, dt, id=f"{m}-{'x'.join(map(str, p))}-{name}", marks=pytest.mark.slow)
     for m, p in CASES + SLOW_CASES for name, dt in DTYPES.items() if (m, p, dt) not in [(*c, torch.float16) for c in CASES]
@@ -185,8 +186,8 @@ def _step(method: str, patch, autocast_dtype, backward: bool = True):
                          torch.arange(500) % 2)
         step = Stage2Step(cfg, student, stats)
     else:
-        teacher = copy.deepcopy(student) if cfg.mean_teacher else None
-        step = Stage1Step(cfg, student, teacher)
+        teacher = copy.deepcopy(student) if cfg.has_teacher else None
+        step = BASELINE_STEPS.get(method, Stage1Step)(cfg, student, teacher)
     student.train()
     torch.manual_seed(6)
     with torch.set_grad_enabled(backward), torch.autocast("cpu", dtype=autocast_dtype or torch.float16,

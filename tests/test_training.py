@@ -163,12 +163,14 @@ def test_every_variant_trains_end_to_end(tiny_cases, tmp_path, method):
     assert len(rows) == cfg.iterations
     expected = {"supervised": {"ce_dice"}, "fully_supervised": {"ce_dice"},
                 "aua": {"sup_nll", "sup_dice", "consistency", "lambda_g"},
-                "aua_bcl": {"sup_nll", "sup_dice", "consistency", "lambda_g", "bcl", "lambda_c"}}[method]
+                "aua_bcl": {"sup_nll", "sup_dice", "consistency", "lambda_g", "bcl", "lambda_c"},
+                "mt": {"ce_dice", "consistency", "consistency_weight"},
+                "uamt": {"ce_dice", "consistency", "consistency_weight", "uncertainty_threshold", "mask_fraction"}}[method]
     assert expected | {"iteration", "lr", "loss"} <= set(rows[0])
     assert all(np.isfinite(float(r["loss"])) for r in rows)
     net = load_model(model_path, "student")
     assert net(torch.randn(2, 1, 16, 16, 16)).logits.shape == (2, 2, 16, 16, 16)
-    if cfg.mean_teacher:
+    if cfg.has_teacher:
         load_model(model_path, "teacher")
     else:
         with pytest.raises(ValueError, match="no teacher"):

@@ -290,3 +290,86 @@ def consistency_weight(iteration: int, max_weight: float = 0.15, rampup: int = 6
         return max_weight
     t = min(max(iteration, 0), rampup) / rampup
     return max_weight * math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+# ---------------------------------------------------------------- baselines (issue 13)
+# Mean teacher (Tarvainen & Valpola 2017) and UA-MT (Yu et al. 2019) as the field runs them
+# in 3D: UA-MT's released ``train_LA_meanteacher_certainty_unlabel.py`` and ``utils/losses.py``
+# (``softmax_mse_loss`` there returns the element-wise map, no reduction, whatever its
+# docstring says) and SSL4MIS's ``train_mean_teacher_3D.py``. See docs/method-choices.md.
+
+#: Added to the probabilities inside the log of the predictive entropy (UA-MT's released code).
+ENTROPY_EPS = 1e-6
+#: Added to the masked MSE's denominator (UA-MT's released code).
+MASKED_MSE_EPS = 1e-16
+
+
+@full_precision_op
+def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Element-wise squared difference of the softmax probabilities (UA-MT's ``softmax_mse_loss``).
+
+    ``student_logits``, ``teacher_logits``: (B, C, X, Y, Z). Returns (B, C, X, Y, Z)
+    ``(softmax(student)_c - softmax(teacher)_c)^2`` per voxel and class, no reduction. The
+    gradient flows into the student only (the teacher side is detached).
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.ndim < 3:
+        raise ValueError(
+            f"expected two (B, C, X, Y, Z) logit tensors of one shape, got {tuple(student_logits.shape)} "
+            f"and {tuple(teacher_logits.shape)}"
+        )
+    p = torch.softmax(student_logits, dim=1)
+    q = torch.softmax(teacher_logits.detach(), dim=1)
+    return (p - q) ** 2
+
+
+@full_precision_op
+def softmax_mse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean-teacher consistency: the mean of :func:`softmax_mse` over B x C x X x Y x Z (scalar).
+
+    ``student_logits``, ``teacher_logits``: (B, C, X, Y, Z). ``mean_{b,c,v} (p_bcv - q_bcv)^2``
+    with ``p``, ``q`` the student's and teacher's softmax, as SSL4MIS's
+    ``train_mean_teacher_3D.py`` (``torch.mean((outputs_soft - ema_output_soft) ** 2)``); for
+    two classes it equals UA-MT's masked form with every voxel kept. Teacher side detached.
+    """
+    return softmax_mse(student_logits, teacher_logits).mean()
+
+
+@full_precision_op
+def predictive_entropy(logit_passes: torch.Tensor, eps: float = ENTROPY_EPS) -> torch.Tensor:
+    """Predictive entropy (nats) of the mean softmax of T stochastic passes (UA-MT's uncertainty).
+
+    ``logit_passes``: (T, B, C, X, Y, Z) logits of T passes. With ``pbar = mean_t softmax_c``,
+    returns (B, X, Y, Z) ``-sum_c pbar_c log(pbar_c + eps)``, eps 1e-6 as released (so a
+    certain voxel gives ~ -1e-6, not exactly 0). Not divided by ``log C``.
+    """
+    if logit_passes.ndim != 6:
+        raise ValueError(f"logit_passes must be (T, B, C, X, Y, Z), got {tuple(logit_passes.shape)}")
+    mean = torch.softmax(logit_passes, dim=2).mean(0)
+    return -(mean * torch.log(mean + eps)).sum(1)
+
+
+def uncertainty_threshold(iteration: int, iterations: int, num_classes: int = 2, start: float = 0.75) -> float:
+    """UA-MT's entropy threshold H(t) = (start + (1 - start) * r(t)) * ln C, in nats.
+
+    ``r(t) = exp(-5 (1 - t / iterations)^2)`` is the sigmoid ramp of :func:`consistency_weight`
+    (``iteration`` clipped to 0..``iterations``), so H goes from ``start * ln C`` (~0.0067 of
+    the way above it at t = 0: ``r(0) = e^-5``) to ``ln C`` at t = ``iterations``. Released:
+    ``(0.75 + 0.25 * sigmoid_rampup(iter_num, max_iterations)) * np.log(2)``.
+    """
+    return (start + (1.0 - start) * consistency_weight(iteration, 1.0, iterations)) * math.log(num_classes)
+
+
+@full_precision_op
+def masked_mse_loss(mse: torch.Tensor, mask: torch.Tensor, eps: float = MASKED_MSE_EPS) -> torch.Tensor:
+    """UA-MT's masked consistency: ``sum(mask * mse) / (C * sum(mask) + eps)`` (scalar).
+
+    ``mse``: (B, C, X, Y, Z) element-wise squared differences (:func:`softmax_mse`); ``mask``:
+    (B, X, Y, Z) bool or 0/1, the voxels that count (the same mask for every class). The mean
+    over the kept voxels and the classes; 0 (keeping the graph) when no voxel is kept. The
+    released code divides by ``2 * sum(mask)`` with a (B, 1, X, Y, Z) mask broadcast over its
+    two classes: the same for C = 2.
+    """
+    if mse.ndim < 3 or mask.shape != (mse.shape[0], *mse.shape[2:]):
+        raise ValueError(f"expected mse (B, C, X, Y, Z) and mask (B, X, Y, Z), got {tuple(mse.shape)} and {tuple(mask.shape)}")
+    m = mask.to(mse.dtype).unsqueeze(1)
+    return (m * mse).sum() / (mse.shape[1] * m.sum() + eps)

@@ -8,6 +8,11 @@ Methods (stage 1):
   labelled crops + lambda_g(t) * GED between student and teacher samples on unlabelled
   crops (Eq. 9); lambda_c = 0.
 - ``aua_bcl``: ``aua`` + lambda_c * BCL on the labelled crops' projections (Eq. 14).
+- ``mt``: mean teacher baseline; plain V-Net, 0.5 * (CE + soft Dice) on labelled crops +
+  w(t) * MSE between student and teacher softmax on unlabelled crops.
+- ``uamt``: UA-MT baseline; ``mt`` with the MSE masked to voxels whose predictive entropy
+  over ``uamt_passes`` stochastic teacher passes is under a ramped threshold.
+  Both: see :mod:`semiseg.training.baselines`.
 
 Methods (stage 2, a fresh plain V-Net on labelled crops with ground truth and unlabelled
 crops with their stored pseudo labels):
@@ -59,9 +64,10 @@ from semiseg.losses import (
 from semiseg.networks import SegmentationNet
 from semiseg.precision import autocast
 from semiseg.prototypes import PrototypeStatistics
+from semiseg.training.baselines import BASELINE_METHODS, BASELINE_STEPS
 from semiseg.training.data import Augmentation, PatchBatches
 
-STAGE1_METHODS = ("supervised", "fully_supervised", "aua", "aua_bcl")
+STAGE1_METHODS = ("supervised", "fully_supervised", "aua", "aua_bcl") + BASELINE_METHODS
 STAGE2_METHODS = ("aua_bcl_pl", "full")
 METHODS = STAGE1_METHODS + STAGE2_METHODS
 STAGE2_LOSSES = ("authors", "pooled")
@@ -91,6 +97,9 @@ class TrainConfig:
     teacher_noise_clip: float = 0.2
     consistency_max: float = 0.15
     consistency_rampup: int | None = None  # None: the number of iterations
+    mt_consistency: float = 0.1  # mt, uamt: maximum consistency weight (consistency_max is aua's)
+    uamt_passes: int = 8  # uamt: stochastic teacher passes T for the uncertainty (even)
+    uamt_threshold_start: float = 0.75  # uamt: entropy threshold at t = 0, as a fraction of ln C
     samples: int = 6
     rank: int = 8
     lambda_c: float = 0.0
@@ -121,6 +130,16 @@ class TrainConfig:
             raise ValueError(f"stage2_loss must be one of {STAGE2_LOSSES}, got {self.stage2_loss!r}")
         if self.method == "aua_bcl_pl" and self.lambda_r:
             raise ValueError("method 'aua_bcl_pl' has lambda_r = 0; use 'full' for PCL")
+        if self.method in BASELINE_METHODS and (self.lambda_c or self.lambda_r):
+            raise ValueError(f"method {self.method!r} has no BCL or PCL; set lambda_c and lambda_r to 0")
+        if not (np.isfinite(self.mt_consistency) and self.mt_consistency >= 0):
+            raise ValueError(f"mt_consistency must be a finite number >= 0, got {self.mt_consistency!r}")
+        if isinstance(self.uamt_passes, bool) or not isinstance(self.uamt_passes, int) \
+                or self.uamt_passes < 2 or self.uamt_passes % 2:
+            raise ValueError(f"uamt_passes must be an even integer >= 2 (T / 2 forward calls of two passes each), "
+                             f"got {self.uamt_passes!r}")
+        if not 0.0 <= self.uamt_threshold_start <= 1.0:
+            raise ValueError(f"uamt_threshold_start must be in [0, 1] (a fraction of ln C), got {self.uamt_threshold_start!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -138,6 +157,11 @@ class TrainConfig:
     @property
     def mean_teacher(self) -> bool:
         return self.method in ("aua", "aua_bcl")
+
+    @property
+    def has_teacher(self) -> bool:
+        """Whether the method trains an EMA teacher: ``aua``, ``aua_bcl`` and the baselines."""
+        return self.mean_teacher or self.method in BASELINE_METHODS
 
     @property
     def stage(self) -> int:
@@ -417,7 +441,7 @@ def train(
             raise ValueError("stage2_init 'stage1' needs the stage-1 model (init_from)")
         init_from_stage1(student, init_from)
     teacher = None
-    if cfg.mean_teacher:
+    if cfg.has_teacher:
         teacher = copy.deepcopy(student)
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -461,7 +485,10 @@ def train(
         pin_memory=dev.type == "cuda", persistent_workers=False, prefetch_factor=4 if num_workers else None,
         generator=torch.Generator(),  # its own: creating the iterator must not draw from the global RNG
     )
-    step_fn = Stage2Step(cfg, student, stats) if cfg.stage == 2 else Stage1Step(cfg, student, teacher)
+    if cfg.stage == 2:
+        step_fn = Stage2Step(cfg, student, stats)
+    else:
+        step_fn = BASELINE_STEPS.get(cfg.method, Stage1Step)(cfg, student, teacher)
     student.train()
     if teacher is not None:
         teacher.train()  # as the method notes: both in train mode (dropout, batch statistics)
