@@ -31,8 +31,9 @@ from semiseg.datasets import list_cases, list_unlabelled_cases, raw_case_paths
 from semiseg.errors import ConfigError
 from semiseg.jobs import between_stages_model, check_stage1_iteration, stage1_snapshot_name
 
-#: Stage-1 methods trained per data set, split and seed (one engine, config variants).
-STAGE1_METHODS = ("supervised", "aua", "aua_bcl")
+#: Stage-1 methods trained per data set, split and seed (one engine, config variants): the
+#: paper's and the baselines of the comparison table.
+STAGE1_METHODS = ("supervised", "aua", "aua_bcl", "mt", "uamt")
 #: Stage-2 methods (they share the pseudo labels and prototypes of the split and seed).
 STAGE2_METHODS = ("aua_bcl_pl", "full")
 #: Every model that can be predicted and scored (the rows of the tables).
@@ -67,6 +68,9 @@ MEAN_TEACHER = (
     "unlabelled_batch", "ema_decay", "teacher_noise_sd", "teacher_noise_clip", "consistency_max",
     "consistency_rampup", "samples", "rank",
 )
+MT_BASELINE = (
+    "unlabelled_batch", "ema_decay", "teacher_noise_sd", "teacher_noise_clip", "consistency_rampup", "mt_consistency",
+)
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "supervised": TRAIN_COMMON,
     "fully_supervised": TRAIN_COMMON + ("unlabelled_batch",),
@@ -74,6 +78,9 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "aua_bcl": TRAIN_COMMON + MEAN_TEACHER + ("bcl_max_samples", "bcl_temperature", "bcl_features", "projection_channels"),
     "aua_bcl_pl": TRAIN_COMMON + ("unlabelled_batch", "stage2_init", "stage2_loss"),
     "full": TRAIN_COMMON + ("unlabelled_batch", "stage2_init", "stage2_loss", "pcl_tau", "pcl_normalise", "prototype_update"),
+    # Baselines (the comparison table): mean teacher with the field's softmax MSE, and UA-MT.
+    "mt": TRAIN_COMMON + MT_BASELINE,
+    "uamt": TRAIN_COMMON + MT_BASELINE + ("uamt_passes", "uamt_threshold_start"),
 }
 
 
