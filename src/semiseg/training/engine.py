@@ -8,6 +8,10 @@ Methods (stage 1):
   labelled crops + lambda_g(t) * GED between student and teacher samples on unlabelled
   crops (Eq. 9); lambda_c = 0.
 - ``aua_bcl``: ``aua`` + lambda_c * BCL on the labelled crops' projections (Eq. 14).
+- ``bcp``: the BCP baseline (bidirectional copy-paste, Bai et al. 2023), plain V-Net: labelled
+  copy-paste pre-training of the student for ``bcp_pretrain_iterations``, then the teacher is
+  the student's copy and self-training mixes labelled and unlabelled crops both ways against
+  the teacher's pseudo labels (EMA teacher). See :mod:`semiseg.training.bcp`.
 
 Methods (stage 2, a fresh plain V-Net on labelled crops with ground truth and unlabelled
 crops with their stored pseudo labels):
@@ -59,9 +63,10 @@ from semiseg.losses import (
 from semiseg.networks import SegmentationNet
 from semiseg.precision import autocast
 from semiseg.prototypes import PrototypeStatistics
+from semiseg.training.bcp import BCPStep, validate_bcp_settings
 from semiseg.training.data import Augmentation, PatchBatches
 
-STAGE1_METHODS = ("supervised", "fully_supervised", "aua", "aua_bcl")
+STAGE1_METHODS = ("supervised", "fully_supervised", "aua", "aua_bcl", "bcp")
 STAGE2_METHODS = ("aua_bcl_pl", "full")
 METHODS = STAGE1_METHODS + STAGE2_METHODS
 STAGE2_LOSSES = ("authors", "pooled")
@@ -104,6 +109,9 @@ class TrainConfig:
     prototype_update: bool = True
     stage2_init: str = "fresh"
     stage2_loss: str = "authors"
+    bcp_pretrain_iterations: int | None = None  # None: the released LA share 2000 / (2000 + 15000) of iterations
+    bcp_mask_ratio: float = 2 / 3  # the cuboid's side / the patch's side (released --mask_ratio)
+    bcp_u_weight: float = 0.5  # weight of the pseudo-labelled voxels in the mixed loss (released --u_weight)
     seed: int = 1337
     amp: bool = True
     augmentation: Augmentation = field(default_factory=Augmentation)
@@ -121,6 +129,7 @@ class TrainConfig:
             raise ValueError(f"stage2_loss must be one of {STAGE2_LOSSES}, got {self.stage2_loss!r}")
         if self.method == "aua_bcl_pl" and self.lambda_r:
             raise ValueError("method 'aua_bcl_pl' has lambda_r = 0; use 'full' for PCL")
+        validate_bcp_settings(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -417,7 +426,7 @@ def train(
             raise ValueError("stage2_init 'stage1' needs the stage-1 model (init_from)")
         init_from_stage1(student, init_from)
     teacher = None
-    if cfg.mean_teacher:
+    if cfg.mean_teacher or cfg.method == "bcp":  # bcp: a copy of the student from the self-training phase on
         teacher = copy.deepcopy(student)
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -462,6 +471,8 @@ def train(
         generator=torch.Generator(),  # its own: creating the iterator must not draw from the global RNG
     )
     step_fn = Stage2Step(cfg, student, stats) if cfg.stage == 2 else Stage1Step(cfg, student, teacher)
+    if cfg.method == "bcp":
+        step_fn = BCPStep(cfg, student, teacher)
     student.train()
     if teacher is not None:
         teacher.train()  # as the method notes: both in train mode (dropout, batch statistics)
@@ -485,7 +496,9 @@ def train(
         optimizer_step(loss, opt, scaler)
         lr = opt.param_groups[0]["lr"]
         sched.step()
-        if teacher is not None:
+        if cfg.method == "bcp":
+            step_fn.update_teacher(t)  # EMA in the self-training phase only
+        elif teacher is not None:
             ema_update(teacher, student, ema_alpha(t + 1, cfg.ema_decay))
         if dev.type == "cuda":
             torch.cuda.synchronize()
