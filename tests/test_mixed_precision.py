@@ -34,6 +34,7 @@ from semiseg.losses import (
 from semiseg.networks import SegmentationNet
 from semiseg.prototypes import PrototypeStatistics
 from semiseg.training.baselines import BASELINE_STEPS
+from semiseg.training.bcp import BCPStep
 from semiseg.training.engine import Stage1Step, Stage2Step, TrainConfig, build_model
 
 P96 = (96, 96, 96)
@@ -156,7 +157,7 @@ def test_bcl_backward_runs_in_the_forward_precision():
 # convolutions are emulated, slowly, on a CPU.
 CASES = [
     ("supervised", P112), ("fully_supervised", P96), ("aua", P112), ("aua_bcl", P96),
-    ("aua_bcl_pl", P96), ("full", P112), ("mt", P96), ("uamt", P112),
+    ("aua_bcl_pl", P96), ("full", P112), ("mt", P96), ("uamt", P112), ("bcp", P96),
 ]
 SLOW_CASES = [("aua", P96), ("aua_bcl", P112), ("mt", P112), ("uamt", P96)]
 STEP_PARAMS = [pytest.param(m, p, torch.float16, id=f"{m}-{'x'.join(map(str, p))}-float16") for m, p in CASES] + [
@@ -169,12 +170,14 @@ def _step(method: str, patch, autocast_dtype, backward: bool = True):
     """Loss, logged terms and the student's gradients of one step, at a fixed seed."""
     extra = {"lambda_c": 0.1} if method == "aua_bcl" else {"lambda_r": 0.1} if method == "full" else {}
     # Width 1 (2 for PCL's prototypes) keeps the emulated float16 convolutions affordable.
+    # bcp mixes two halves of each batch: 2 + 2 crops (step 50 of 100 is in its self-training phase).
+    n = 2 if method == "bcp" else 1
     cfg = TrainConfig(method=method, patch_size=patch, base_filters=2 if method == "full" else 1, dropout=0.0,
-                      labelled_batch=1, unlabelled_batch=1, iterations=100, bcl_max_samples=2000, **extra)
+                      labelled_batch=n, unlabelled_batch=n, iterations=100, bcl_max_samples=2000, **extra)
     torch.manual_seed(5)
     student = build_model(cfg)
-    y = sphere(patch)[None]
-    batch = {"image_l": torch.randn(1, 1, *patch) + 2 * y[:, None], "label_l": y, "image_u": torch.randn(1, 1, *patch)}
+    y = torch.stack([sphere(patch, shift=3 * i) for i in range(n)])
+    batch = {"image_l": torch.randn(n, 1, *patch) + 2 * y[:, None], "label_l": y, "image_u": torch.randn(n, 1, *patch)}
     if method == "fully_supervised":
         batch = {"image_l": torch.cat([batch["image_l"], batch["image_u"]]), "label_l": torch.cat([y, y])}
     if cfg.stage == 2:
@@ -185,6 +188,8 @@ def _step(method: str, patch, autocast_dtype, backward: bool = True):
             stats.update(torch.nn.functional.normalize(torch.randn(500, 2) + torch.tensor([2.0, 0.0]), dim=1),
                          torch.arange(500) % 2)
         step = Stage2Step(cfg, student, stats)
+    elif method == "bcp":
+        step = BCPStep(cfg, student, copy.deepcopy(student))
     else:
         teacher = copy.deepcopy(student) if cfg.has_teacher else None
         step = BASELINE_STEPS.get(method, Stage1Step)(cfg, student, teacher)

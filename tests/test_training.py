@@ -156,7 +156,9 @@ def test_checkpoint_of_other_settings_is_not_resumed(tiny_cases, tmp_path):
 @pytest.mark.parametrize("method", STAGE1_METHODS)
 def test_every_variant_trains_end_to_end(tiny_cases, tmp_path, method):
     lab, unl = tiny_cases
-    cfg = TrainConfig(method=method, lambda_c=0.1 if method == "aua_bcl" else 0.0, **TINY)
+    # bcp: 2 crops a forward pass (a 16^3 crop's bottleneck is 1 voxel) and both phases in 4 iterations
+    extra = {"labelled_batch": 4, "unlabelled_batch": 4, "bcp_pretrain_iterations": 2} if method == "bcp" else {}
+    cfg = TrainConfig(method=method, lambda_c=0.1 if method == "aua_bcl" else 0.0, **{**TINY, **extra})
     # fully_supervised takes every training case as labelled: here the labelled ones.
     model_path = train(cfg, lab, [] if method == "fully_supervised" else unl, tmp_path, device="cpu", checkpoint_every=2, progress=False)
     rows = _rows(tmp_path / "losses.csv")
@@ -165,7 +167,8 @@ def test_every_variant_trains_end_to_end(tiny_cases, tmp_path, method):
                 "aua": {"sup_nll", "sup_dice", "consistency", "lambda_g"},
                 "aua_bcl": {"sup_nll", "sup_dice", "consistency", "lambda_g", "bcl", "lambda_c"},
                 "mt": {"ce_dice", "consistency", "consistency_weight"},
-                "uamt": {"ce_dice", "consistency", "consistency_weight", "uncertainty_threshold", "mask_fraction"}}[method]
+                "uamt": {"ce_dice", "consistency", "consistency_weight", "uncertainty_threshold", "mask_fraction"},
+                "bcp": {"bcp_phase", "ce", "dice", "loss_l", "loss_u", "pseudo_foreground"}}[method]
     assert expected | {"iteration", "lr", "loss"} <= set(rows[0])
     assert all(np.isfinite(float(r["loss"])) for r in rows)
     net = load_model(model_path, "student")

@@ -13,6 +13,10 @@ Methods (stage 1):
 - ``uamt``: UA-MT baseline; ``mt`` with the MSE masked to voxels whose predictive entropy
   over ``uamt_passes`` stochastic teacher passes is under a ramped threshold.
   Both: see :mod:`semiseg.training.baselines`.
+- ``bcp``: the BCP baseline (bidirectional copy-paste, Bai et al. 2023), plain V-Net: labelled
+  copy-paste pre-training of the student for ``bcp_pretrain_iterations``, then the teacher is
+  the student's copy and self-training mixes labelled and unlabelled crops both ways against
+  the teacher's pseudo labels (EMA teacher). See :mod:`semiseg.training.bcp`.
 
 Methods (stage 2, a fresh plain V-Net on labelled crops with ground truth and unlabelled
 crops with their stored pseudo labels):
@@ -65,9 +69,10 @@ from semiseg.networks import SegmentationNet
 from semiseg.precision import autocast
 from semiseg.prototypes import PrototypeStatistics
 from semiseg.training.baselines import BASELINE_METHODS, BASELINE_STEPS
+from semiseg.training.bcp import BCPStep, validate_bcp_settings
 from semiseg.training.data import Augmentation, PatchBatches
 
-STAGE1_METHODS = ("supervised", "fully_supervised", "aua", "aua_bcl") + BASELINE_METHODS
+STAGE1_METHODS = ("supervised", "fully_supervised", "aua", "aua_bcl") + BASELINE_METHODS + ("bcp",)
 STAGE2_METHODS = ("aua_bcl_pl", "full")
 METHODS = STAGE1_METHODS + STAGE2_METHODS
 STAGE2_LOSSES = ("authors", "pooled")
@@ -113,6 +118,9 @@ class TrainConfig:
     prototype_update: bool = True
     stage2_init: str = "fresh"
     stage2_loss: str = "authors"
+    bcp_pretrain_iterations: int | None = None  # None: the released LA share 2000 / (2000 + 15000) of iterations
+    bcp_mask_ratio: float = 2 / 3  # the cuboid's side / the patch's side (released --mask_ratio)
+    bcp_u_weight: float = 0.5  # weight of the pseudo-labelled voxels in the mixed loss (released --u_weight)
     seed: int = 1337
     amp: bool = True
     augmentation: Augmentation = field(default_factory=Augmentation)
@@ -140,6 +148,7 @@ class TrainConfig:
                              f"got {self.uamt_passes!r}")
         if not 0.0 <= self.uamt_threshold_start <= 1.0:
             raise ValueError(f"uamt_threshold_start must be in [0, 1] (a fraction of ln C), got {self.uamt_threshold_start!r}")
+        validate_bcp_settings(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -160,8 +169,9 @@ class TrainConfig:
 
     @property
     def has_teacher(self) -> bool:
-        """Whether the method trains an EMA teacher: ``aua``, ``aua_bcl`` and the baselines."""
-        return self.mean_teacher or self.method in BASELINE_METHODS
+        """Whether the method trains an EMA teacher: ``aua``, ``aua_bcl`` and the baselines
+        (``bcp``: a copy of the student from its self-training phase on)."""
+        return self.mean_teacher or self.method in BASELINE_METHODS or self.method == "bcp"
 
     @property
     def stage(self) -> int:
@@ -487,6 +497,8 @@ def train(
     )
     if cfg.stage == 2:
         step_fn = Stage2Step(cfg, student, stats)
+    elif cfg.method == "bcp":
+        step_fn = BCPStep(cfg, student, teacher)
     else:
         step_fn = BASELINE_STEPS.get(cfg.method, Stage1Step)(cfg, student, teacher)
     student.train()
@@ -512,7 +524,9 @@ def train(
         optimizer_step(loss, opt, scaler)
         lr = opt.param_groups[0]["lr"]
         sched.step()
-        if teacher is not None:
+        if cfg.method == "bcp":
+            step_fn.update_teacher(t)  # EMA in the self-training phase only
+        elif teacher is not None:
             ema_update(teacher, student, ema_alpha(t + 1, cfg.ema_decay))
         if dev.type == "cuda":
             torch.cuda.synchronize()
