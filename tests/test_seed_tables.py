@@ -3,6 +3,11 @@ Wilcoxon test against the reference row, and the comparison table (paper, Tables
 
 from __future__ import annotations
 
+import runpy
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
@@ -216,3 +221,76 @@ def test_spread_note_for_rows_with_different_seed_counts(tmp_path):
     assert md.startswith("Where Seeds > 1, ± is the sample standard deviation over the row's seeds of the per-seed "
                          "test-set mean; where Seeds = 1, ± is the standard deviation over the test cases (one seed);")
     assert "p:" not in md
+
+
+# ---- the rule scripts: the input / param layout the rules are to pass ---------------
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
+
+
+def _named(values: dict):
+    """A Namedlist as Snakemake builds it: list values flattened, their names on slices."""
+    from snakemake.iocontainers import Namedlist
+
+    nl = Namedlist()
+    for key, value in values.items():
+        start = len(nl)
+        if isinstance(value, list) and not isinstance(value, str):
+            nl.extend(value)
+            nl._set_name(key, start, len(nl))
+        else:
+            nl.append(value)
+            nl._set_name(key, start)
+    return nl
+
+
+def _run_script(name, tmp_path, inputs, output, params, wildcards=None):
+    """Run one rule script with a stand-in ``snakemake`` object."""
+    smk = SimpleNamespace(input=inputs, output=_named(output), params=_named(params), wildcards=_named(wildcards or {}),
+                          log=[str(tmp_path / f"{name}.log")])
+    runpy.run_path(str(SCRIPTS / name), init_globals={"snakemake": smk}, run_name="__main__")
+
+
+def test_rule_scripts_read_per_seed_inputs(tmp_path):
+    rng = np.random.default_rng(7)
+    seeds = [0, 1, 2]
+
+    def csvs(prefix):
+        paths = []
+        for s in seeds:
+            paths.append(str(tmp_path / f"{prefix}_seed{s}.csv"))
+            metrics(rng.uniform(0.5, 0.9, 6)).to_csv(paths[-1], index=False)
+        return paths
+
+    evaluation = {"protocol": "clean", "unit": "voxel"}
+    files = {k: csvs(k) for k in ABLATION_ROWS}
+    out = {k: str(tmp_path / f"ablation.{k}") for k in ("csv", "md")} | {"per_seed": str(tmp_path / "ablation_per_seed.csv")}
+    _run_script("ablation_table.py", tmp_path, _named(files), out,
+                {"counts": {k: [4, 16] for k in ABLATION_ROWS}, "evaluation": evaluation, "seeds": seeds})
+    table = pd.read_csv(out["csv"])
+    assert table["Seeds"].tolist() == [3] * 6 and "p (Wilcoxon vs full)" in table
+    assert pd.read_csv(out["per_seed"]).shape == (18, 8)
+
+    sweep_files = [p for k in ("aua", "full") for p in files[k]]  # row-major: value, then seed
+    out = {k: str(tmp_path / f"sweep.{k}") for k in ("csv", "md")} | {"per_seed": str(tmp_path / "sweep_per_seed.csv")}
+    _run_script("sweep_table.py", tmp_path, sweep_files, out,
+                {"rows": {"values": [0.01, 0.09], "counts": [[4, 16], [4, 16]], "reference": 0.09},
+                 "evaluation": evaluation, "seeds": seeds}, {"sweep": "lambda_c"})
+    table = pd.read_csv(out["csv"])
+    assert table["p (Wilcoxon vs lambda_c = 0.09)"].tolist()[1] == "—"
+    per_seed = pd.read_csv(out["per_seed"])
+    np.testing.assert_allclose(per_seed["Dice[%]"][3:],
+                               [100 * pd.read_csv(p)["dice"].mean() for p in files["full"]])
+
+    cmp_files = {k: csvs(k) for k in ("mt", "full", "supervised")}
+    out = {k: str(tmp_path / f"cmp.{k}") for k in ("csv", "md")} | {"per_seed": str(tmp_path / "cmp_per_seed.csv")}
+    params = {"methods": ["mt", "full", "supervised"], "seeds": seeds,
+              "counts": {k: [4, 16] for k in cmp_files}, "evaluation": evaluation}
+    _run_script("comparison_table.py", tmp_path, _named(cmp_files), out, params)
+    assert pd.read_csv(out["csv"])["Method"].tolist() == ["Supervised baseline", "MT", "Ours (full)"]
+
+    png = str(tmp_path / "cmp.png")
+    _run_script("figure_comparison.py", tmp_path, _named(cmp_files), {"png": png},
+                {"methods": ["mt", "full", "supervised"], "seeds": seeds, "size": [5, 3], "dpi": 50},
+                {"dataset": "demo", "split": "5pct"})
+    assert mpimg.imread(png).ndim == 3
