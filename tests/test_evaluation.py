@@ -63,17 +63,24 @@ def test_case_metrics_and_table(case_and_model, tmp_path):
     assert table["dice"][1] == pytest.approx(expected["dice"]) and table["hd95"][1] == pytest.approx(expected["hd95"])
     mm = case_metrics([tmp_path / "gt.h5"], [case], unit="mm")
     assert mm["dice"][0] == 1.0
-    files = {k: tmp_path / "m.csv" for k in ABLATION_ROWS}
+    table.assign(case=["gt", "model"]).to_csv(tmp_path / "m2.csv", index=False)  # one case twice: named apart
+    files = {k: {0: tmp_path / "m2.csv"} for k in ABLATION_ROWS}  # one seed per row
     counts = {k: (2, 30) for k in ABLATION_ROWS}
     out = ablation_table(files, counts, "voxel", tmp_path / "t.csv", tmp_path / "t.md")
     assert list(out["Method"]) == list(ABLATION_ROWS.values())
     assert list(out.columns) == ["Method", "Labeled", "Unlabeled", "Dice[%]", "Jaccard[%]", "ASD[voxel]", "95HD[voxel]",
-                                 "Test cases", "Empty predictions"]
+                                 "Test cases", "Empty predictions", "Seeds", "p (Wilcoxon vs full)"]
     d = table["dice"] * 100
     assert out["Dice[%]"][0] == f"{d.mean():.2f} ± {d.std(ddof=0):.2f}"
-    assert pd.read_csv(tmp_path / "t.csv").shape == (6, 9)
-    md = (tmp_path / "t.md").read_text(encoding="utf-8").splitlines()
-    assert md[0].startswith("| Method | Labeled |") and len(md) == 2 + 6
+    assert out["Seeds"].tolist() == [1] * 6
+    # one seed, 2 test cases: too few pairs for a p-value; the reference row shows a dash
+    assert out["p (Wilcoxon vs full)"].tolist() == ["n/a (n<6)"] * 4 + ["—", "n/a (n<6)"]
+    assert pd.read_csv(tmp_path / "t.csv").shape == (6, 11)
+    md = (tmp_path / "t.md").read_text(encoding="utf-8").split("\n\n")
+    assert md[0] == "± is the standard deviation over the test cases (one seed)."
+    assert md[1].startswith("p: two-sided Wilcoxon signed-rank test")
+    lines = md[2].splitlines()
+    assert lines[0].startswith("| Method | Labeled |") and len(lines) == 2 + 6
 
 
 def _metrics_csv(path, dice):
@@ -85,14 +92,18 @@ def _metrics_csv(path, dice):
 def test_sweep_table_rows_in_order_with_protocol_note(tmp_path):
     files = [_metrics_csv(tmp_path / f"m{i}.csv", d) for i, d in enumerate(([0.5, 0.7], [0.8, 0.0]))]
     evaluation = {"protocol": "clean", "unit": "mm"}
-    out = sweep_table("unlabelled", [12, 48], files, [(12, 12), (12, 48)], "mm", tmp_path / "s.csv", tmp_path / "s.md", evaluation)
+    seeded = [{0: f} for f in files]
+    out = sweep_table("unlabelled", [12, 48], seeded, [(12, 12), (12, 48)], "mm", tmp_path / "s.csv", tmp_path / "s.md", evaluation)
     assert list(out.columns) == ["#Unlabeled", "Labeled", "Unlabeled", "Dice[%]", "Jaccard[%]", "ASD[mm]", "95HD[mm]",
-                                 "Test cases", "Empty predictions", "Protocol"]
+                                 "Test cases", "Empty predictions", "Seeds", "Protocol"]
     assert list(out["#Unlabeled"]) == [12, 48] and list(out["Unlabeled"]) == [12, 48]
     assert out["Dice[%]"][0] == "60.00 ± 10.00" and out["Empty predictions"].tolist() == [0, 1]
     md = (tmp_path / "s.md").read_text(encoding="utf-8")
-    assert md.startswith("Evaluation protocol: **clean** (no test label used before inference). Settings: unit = mm.\n\n| #Unlabeled |")
+    assert md.startswith("Evaluation protocol: **clean** (no test label used before inference). Settings: unit = mm.\n\n"
+                         "± is the standard deviation over the test cases (one seed).\n\n| #Unlabeled |")
     with pytest.raises(ValueError, match="unknown sweep"):
-        sweep_table("lr", [1], files[:1], [(1, 1)])
+        sweep_table("lr", [1], seeded[:1], [(1, 1)])
     with pytest.raises(ValueError, match="2 values, 1 metric files"):
-        sweep_table("lambda_c", [0.1, 0.2], files[:1], [(1, 1)])
+        sweep_table("lambda_c", [0.1, 0.2], seeded[:1], [(1, 1)])
+    with pytest.raises(TypeError, match="expected {seed: per-case metrics CSV}"):
+        sweep_table("unlabelled", [12], files[:1], [(12, 12)])

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from semiseg.figures import (
+    comparison_figure,
     loss_terms,
     overlay,
     pick_slice,
@@ -119,3 +120,36 @@ def test_training_curves_one_colour_per_run_in_every_panel(tmp_path, monkeypatch
             colours.setdefault(line.get_label(), set()).add(line.get_color())
     assert set(colours) == {"A", "B"} and all(len(c) == 1 for c in colours.values())
     assert colours["A"] != colours["B"]
+
+
+def test_comparison_figure_writes_png(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+
+    def seed_metrics(centre):
+        return pd.DataFrame({"case": [f"c{i}" for i in range(8)], "dice": np.clip(rng.normal(centre, 0.05, 8), 0, 1)})
+
+    seed_metrics(0.7).to_csv(tmp_path / "s0.csv", index=False)
+    files = {"supervised": {0: tmp_path / "s0.csv", 1: seed_metrics(0.65), 2: seed_metrics(0.72)},
+             "full": {0: seed_metrics(0.85), 1: seed_metrics(0.8), 2: seed_metrics(0.88)}}
+    out = tmp_path / "cmp.png"
+    names = comparison_figure(files, {"full": "Ours (full)"}, out, size=(5, 3), dpi=60, title="LA, 5 %")
+    assert names == ["supervised", "Ours (full)"]
+    img = mpimg.imread(out)
+    assert img.ndim == 3 and img.shape[1] > img.shape[0] > 50
+    assert img[..., :3].std() > 0.05  # not a blank canvas
+    assert not list(tmp_path.glob("*.part*")), "no temporary file left behind"
+    # One colour per seed, the same in both methods; a diamond (per-seed mean) per method and seed.
+    from semiseg import figures
+
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path, dpi: saved.setdefault("fig", fig))
+    comparison_figure(files, None, tmp_path / "x.png")
+    ax = saved["fig"].axes[0]
+    diamonds = [c for c in ax.collections if hasattr(c, "get_sizes") and c.get_sizes().size and c.get_sizes()[0] == 55]
+    assert len(diamonds) == 6
+    colours = [tuple(np.round(c.get_facecolor()[0], 3)) for c in diamonds]
+    assert colours[:3] == colours[3:] and len(set(colours[:3])) == 3
+    with pytest.raises(ValueError, match="no seeds"):
+        comparison_figure({"full": {}}, None, tmp_path / "e.png")
+    with pytest.raises(ValueError, match="column 'dice'"):
+        comparison_figure({"full": {0: pd.DataFrame({"case": ["a"]})}}, None, tmp_path / "e.png")

@@ -310,7 +310,8 @@ def test_demo_ablation_dag_shares_the_artifacts(tmp_path):
 
 def test_micro_table(micro_run):
     table = (micro_run / TABLE).read_text(encoding="utf-8").splitlines()
-    assert table[0] == "Method,Labeled,Unlabeled,Dice[%],Jaccard[%],ASD[voxel],95HD[voxel],Test cases,Empty predictions,Protocol"
+    assert table[0] == ("Method,Labeled,Unlabeled,Dice[%],Jaccard[%],ASD[voxel],95HD[voxel],Test cases,Empty predictions,"
+                        "Seeds,p (Wilcoxon vs full),Protocol")
     assert all(row.endswith(",paper") for row in table[1:])
     assert len(table) == 1 + 6 and table[1].startswith("Supervised baseline,1,0,")
     assert table[-1].startswith("Fully supervised (upper bound),3,0,")

@@ -1,5 +1,6 @@
 """The paper's figures: a Fig. 3-style qualitative panel, training curves, pseudo-label
-quality and the sweep plots (matplotlib, written atomically as PNG).
+quality, the sweep plots and the comparison of methods over seeds (matplotlib, written
+atomically as PNG).
 
 Arrays are (X, Y, Z) as everywhere in the package; an axial slice ``[:, :, z]`` is drawn
 with x to the right and y downwards (anterior at the top for the usual LPS/RAS
@@ -209,3 +210,73 @@ def sweep_plot(
     ax.set_ylabel("Dice [%] (full method)")
     ax.grid(alpha=0.3)
     _save(fig, out_path, dpi)
+
+
+def _dice_percent(source: str | Path | pd.DataFrame, what: str) -> np.ndarray:
+    """Per-case Dice [%] of one seed's per-case metrics (CSV path or frame, column ``dice``)."""
+    frame = source if isinstance(source, pd.DataFrame) else pd.read_csv(source)
+    if "dice" not in frame or frame.empty:
+        raise ValueError(f"{what}: per-case metrics need a non-empty column 'dice'")
+    return 100.0 * frame["dice"].to_numpy(dtype=np.float64)
+
+
+def comparison_figure(
+    metric_files: Mapping[str, Mapping[int | str, str | Path | pd.DataFrame]],
+    labels: Mapping[str, str] | None,
+    out_path: str | Path,
+    size: Sequence[float] = (8.0, 4.0),
+    dpi: int = 150,
+    title: str | None = None,
+) -> list[str]:
+    """Dice [%] per method, with its spread over seeds and test cases: for each method
+    (``metric_files``: method -> {seed: per-case metrics CSV or frame}, drawn left to
+    right in that order) a box of all (seed, case) Dice values, the per-case points
+    coloured by seed (the same colour for a seed in every method, side by side per seed),
+    each seed's test-set mean as a diamond, and the mean over seeds as a black bar.
+    ``labels``: method -> x-axis label (missing: the key). Returns the labels drawn."""
+    if not metric_files:
+        raise ValueError("comparison figure: no methods")
+    data: dict[str, dict[int | str, np.ndarray]] = {}
+    for method, seeds in metric_files.items():
+        if not seeds:
+            raise ValueError(f"comparison figure: method {method!r} has no seeds")
+        data[method] = {seed: _dice_percent(src, f"{method}, seed {seed}") for seed, src in seeds.items()}
+    seed_order: list[int | str] = []
+    for seeds in data.values():
+        seed_order += [s for s in seeds if s not in seed_order]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {s: cycle[i % len(cycle)] for i, s in enumerate(seed_order)}
+    width = 0.6
+    offset = {s: (k - (len(seed_order) - 1) / 2) * width / max(len(seed_order), 1) for k, s in enumerate(seed_order)}
+    rng = np.random.default_rng(0)  # the same jitter on every run
+    names = [(labels or {}).get(m, m) for m in data]
+    fig, ax = plt.subplots(figsize=tuple(size))
+    ax.boxplot([np.concatenate(list(seeds.values())) for seeds in data.values()], positions=range(len(data)),
+               widths=width, showfliers=False, patch_artist=True,
+               boxprops={"facecolor": "0.92", "edgecolor": "0.5"}, medianprops={"color": "0.4"},
+               whiskerprops={"color": "0.5"}, capprops={"color": "0.5"})
+    for i, seeds in enumerate(data.values()):
+        means = []
+        for seed, dice in seeds.items():
+            x = i + offset[seed]
+            jitter = rng.uniform(-0.25, 0.25, dice.size) * width / max(len(seed_order), 1)
+            ax.scatter(x + jitter, dice, s=10, color=colour[seed], alpha=0.55, linewidths=0, zorder=3)
+            ax.scatter([x], [dice.mean()], s=55, marker="D", color=colour[seed], edgecolors="black", linewidths=0.8, zorder=4)
+            means.append(dice.mean())
+        ax.hlines(np.mean(means), i - width / 2, i + width / 2, colors="black", linewidth=1.8, zorder=5)
+    ax.set_xticks(range(len(data)))
+    ax.set_xticklabels([textwrap.fill(n, 14) for n in names], fontsize=8)
+    ax.set_ylabel("Dice [%]")
+    ax.set_xlim(-0.6, len(data) - 0.4)
+    ax.grid(axis="y", alpha=0.3)
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour[s], label=f"seed {s}") for s in seed_order]
+    handles += [
+        plt.Line2D([], [], marker="D", linestyle="", color="white", markeredgecolor="black", label="per-seed mean"),
+        plt.Line2D([], [], color="black", linewidth=1.8, label="mean over seeds"),
+        Patch(facecolor="0.92", edgecolor="0.5", label="all (seed, case) values"),
+    ]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    _save(fig, out_path, dpi)
+    return names
