@@ -33,7 +33,7 @@ from semiseg.jobs import between_stages_model, check_stage1_iteration, stage1_sn
 
 #: Stage-1 methods trained per data set, split and seed (one engine, config variants): the
 #: paper's and the baselines of the comparison table.
-STAGE1_METHODS = ("supervised", "aua", "aua_bcl", "mt", "uamt")
+STAGE1_METHODS = ("supervised", "aua", "aua_bcl", "mt", "uamt", "bcp")
 #: Stage-2 methods (they share the pseudo labels and prototypes of the split and seed).
 STAGE2_METHODS = ("aua_bcl_pl", "full")
 #: Every model that can be predicted and scored (the rows of the tables).
@@ -81,6 +81,8 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
     # Baselines (the comparison table): mean teacher with the field's softmax MSE, and UA-MT.
     "mt": TRAIN_COMMON + MT_BASELINE,
     "uamt": TRAIN_COMMON + MT_BASELINE + ("uamt_passes", "uamt_threshold_start"),
+    # BCP: labelled copy-paste pre-training, then bidirectional copy-paste self-training.
+    "bcp": TRAIN_COMMON + ("unlabelled_batch", "ema_decay", "bcp_pretrain_iterations", "bcp_mask_ratio", "bcp_u_weight"),
 }
 
 
@@ -463,7 +465,9 @@ class Plan:
         for _, s in rows:
             chosen = self.split_of(dataset, s)
             counts.append([len(chosen.labelled), len(chosen.unlabelled)])
-        return {"values": [v for v, _ in rows], "counts": counts}
+        # The Wilcoxon reference: the row of the split itself (its configured value), if swept.
+        own = [v for v, s in rows if s == split]
+        return {"values": [v for v, _ in rows], "counts": counts, "reference": own[0] if own else None}
 
     # ---- figures ----------------------------------------------------------------
 
