@@ -11,7 +11,7 @@ Sections (each records its numbers and pass/fail checks; an exception in one is 
 with its traceback and the others still run; the exit code is 1 if any enforced check failed):
 
 1. ``steps``: one training iteration of every method (``supervised``, ``fully_supervised``,
-   ``aua``, ``aua_bcl``, stage-2 ``aua_bcl_pl`` and ``full``) with AMP (float16 autocast +
+   ``aua``, ``aua_bcl``, stage-2 ``aua_bcl_pl`` and ``full``, and the baselines ``mt``, ``uamt``, ``bcp``) with AMP (float16 autocast +
    GradScaler on CUDA, as ``train()``) and without, at the paper's LA patch 112 x 112 x 80,
    2 labelled + 2 unlabelled crops (fully supervised: 4 labelled), width 16, on real LA crops
    held on the device: finite loss, gradients and weights; seconds per iteration (median after
@@ -91,13 +91,12 @@ from semiseg.prototypes import PrototypeStatistics
 from semiseg.training.data import PatchBatches
 from semiseg.training.engine import (
     STAGE2_METHODS,
-    Stage1Step,
-    Stage2Step,
     TrainConfig,
     build_model,
     ema_alpha,
     ema_update,
     load_model,
+    make_step,
     optimizer_step,
     resolve_device,
     train,
@@ -123,7 +122,7 @@ PAPER_LABELLED, PAPER_UNLABELLED, PAPER_TEST = 16, 64, 20
 PAPER_ITERATIONS, PAPER_LR_STEP = 6000, 2500
 PIPELINE_INFER_BATCH = 2  # config.yaml: evaluation.batch_size and between_stages.batch_size
 
-METHOD_ORDER = ("supervised", "fully_supervised", "aua", "aua_bcl", "aua_bcl_pl", "full")
+METHOD_ORDER = ("supervised", "fully_supervised", "aua", "aua_bcl", "aua_bcl_pl", "full", "mt", "uamt", "bcp")
 SECTIONS = ("steps", "resume", "inference", "real_data", "projection")
 TITLES = {
     "steps": "1. Training step of every method",
@@ -482,20 +481,20 @@ def time_method(ctx: Context, method: str, amp: bool, raws: list[dict[str, torch
     torch.manual_seed(cfg.seed)
     student = build_model(cfg).to(dev)
     teacher = None
-    if cfg.mean_teacher:
+    if cfg.has_teacher:
         teacher = copy.deepcopy(student)
         for p in teacher.parameters():
             p.requires_grad_(False)
     batches = [method_batch(r, method, s) for r in raws]
     stats = step_prototypes(student, batches[:2], cfg.num_classes) if cfg.lambda_r else None
-    step = Stage2Step(cfg, student, stats) if cfg.stage == 2 else Stage1Step(cfg, student, teacher)
+    step = make_step(cfg, student, teacher, stats)
     opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     use_scaler = amp and dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
     n_l, n_u = crop_counts(method, s)
     bare = build_model(train_config("supervised", s)).to(dev)
-    bare_t = copy.deepcopy(bare) if cfg.mean_teacher else None
+    bare_t = copy.deepcopy(bare) if cfg.has_teacher else None
     opt_b = torch.optim.SGD(bare.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler_b = torch.amp.GradScaler("cuda", enabled=use_scaler)
     bare_x = [torch.cat([r["image_l"][:n_l], r["image_u"][:n_u]]) for r in raws]
@@ -512,7 +511,9 @@ def time_method(ctx: Context, method: str, amp: bool, raws: list[dict[str, torch
         with autocast(dev, enabled=amp, dtype=AMP_DTYPE):
             loss, terms = step(batches[t % len(batches)], t)
         optimizer_step(loss, opt, scaler)
-        if teacher is not None:
+        if method == "bcp":
+            step.update_teacher(t)
+        elif teacher is not None:
             ema_update(teacher, student, ema_alpha(t + 1, cfg.ema_decay))
 
     def bare_iter(t: int) -> None:
@@ -548,7 +549,7 @@ def time_method(ctx: Context, method: str, amp: bool, raws: list[dict[str, torch
         "s_per_iteration": m,
         "bare_s_per_iteration": b,
         "ratio_to_bare": m / b,
-        "bare_passes": {"forward_backward_crops": n_l + n_u, "forward_only_crops": n_u if cfg.mean_teacher else 0},
+        "bare_passes": {"forward_backward_crops": n_l + n_u, "forward_only_crops": n_u if cfg.has_teacher else 0},
         "losses": losses,
         "losses_finite": all(math.isfinite(x) for x in losses),
         "grads_finite_last": grads_finite,

@@ -115,7 +115,7 @@ def test_smoke_run_passes_every_section(smoke):
     runs = report["sections"]["steps"]["results"]["runs"]
     assert {(r["method"], r["amp"]) for r in runs} == {
         (m, amp)
-        for m in ("supervised", "fully_supervised", "aua", "aua_bcl", "aua_bcl_pl", "full")
+        for m in ("supervised", "fully_supervised", "aua", "aua_bcl", "aua_bcl_pl", "full", "mt", "uamt", "bcp")
         for amp in (False, True)
     }
     for r in runs:

@@ -219,15 +219,16 @@ def test_benchmark_runs_la_lowres(la_h5_dir, tmp_path):
 
 def test_dry_run_of_the_la_lowres_table(la_h5_dir, tmp_path):
     """The README's command on the shared folder (80 training, 4 test cases): the 10 % table plans
-    with every case converted at 1.25 mm, 8 labelled and 72 unlabelled."""
+    with every case converted at 1.25 mm, 8 labelled and 72 unlabelled, for each of the 3 seeds."""
     write_config(tmp_path, repo_config())
     lists = f"test_list: {la_h5_dir / 'test.list'}, train_list: {la_h5_dir / 'train.list'}"
     res = smk(tmp_path, "-n", "results/tables/la_lowres_10pct.csv", "--config",
               f"datasets={{la_lowres: {{raw: {{dir: {la_h5_dir}}}, split: {{{lists}}}}}}}")
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout + res.stderr
-    assert job_counts(out) == {"preprocess_case": 84, "make_split": 1, "train_stage1": 3, "train_fully_supervised": 1,
-                               "pseudo_label": 72, "prototypes": 1, "train_stage2": 2, "predict_case": 24,
-                               "case_metrics": 6, "ablation_table": 1}
+    # Every run once per seed (real data sets: three); conversion and split once.
+    assert job_counts(out) == {"preprocess_case": 84, "make_split": 1, "train_stage1": 3 * 3, "train_fully_supervised": 3,
+                               "pseudo_label": 72 * 3, "prototypes": 3, "train_stage2": 2 * 3, "predict_case": 24 * 3,
+                               "case_metrics": 6 * 3, "ablation_table": 1}
     first = (la_h5_dir / "train.list").read_text(encoding="utf-8").split()[0]
     assert f"input: {la_h5_dir / first / 'mri_norm2.h5'}\n    output: results/preprocessed/la_lowres/{first}.h5" in out

@@ -30,7 +30,7 @@ RETRIED = "results/test/retried.txt"
 TRAINING = {"train_stage1", "train_fully_supervised", "train_stage2"}
 GPU_RULES = TRAINING | {"pseudo_label", "prototypes", "predict_case"}
 LOCAL_RULES = {"preprocessing_summary", "make_split", "pseudo_label_quality", "ablation_table"}
-TABLE_HEADER = "Method,Labeled,Unlabeled,Dice[%],Jaccard[%],ASD[voxel],95HD[voxel],Test cases,Empty predictions,Protocol"
+TABLE_HEADER = "Method,Labeled,Unlabeled,Dice[%],Jaccard[%],ASD[voxel],95HD[voxel],Test cases,Empty predictions,Seeds,p (Wilcoxon vs full),Protocol"
 # Method, labelled and unlabelled scans of each row of the micro demo (1 labelled, 2
 # unlabelled, 1 test case): the structure of the local micro run's table.
 TABLE_ROWS = [

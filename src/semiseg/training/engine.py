@@ -380,6 +380,23 @@ class Stage1Step:
         return loss, terms
 
 
+def make_step(
+    cfg: TrainConfig, student: SegmentationNet, teacher: SegmentationNet | None,
+    prototypes: PrototypeStatistics | None = None,
+):
+    """The per-iteration loss of ``cfg.method``: a callable ``(batch, iteration) -> (loss, terms)``.
+
+    ``teacher``: the EMA teacher for methods with one (``cfg.has_teacher``), else None;
+    ``prototypes``: the statistics PCL needs (stage 2 with lambda_r > 0). ``bcp``'s step
+    also updates its teacher (``update_teacher(iteration)``) instead of :func:`ema_update`.
+    """
+    if cfg.stage == 2:
+        return Stage2Step(cfg, student, prototypes)
+    if cfg.method == "bcp":
+        return BCPStep(cfg, student, teacher)
+    return BASELINE_STEPS.get(cfg.method, Stage1Step)(cfg, student, teacher)
+
+
 def train(
     cfg: TrainConfig,
     labelled: Sequence[str | Path],
@@ -495,12 +512,7 @@ def train(
         pin_memory=dev.type == "cuda", persistent_workers=False, prefetch_factor=4 if num_workers else None,
         generator=torch.Generator(),  # its own: creating the iterator must not draw from the global RNG
     )
-    if cfg.stage == 2:
-        step_fn = Stage2Step(cfg, student, stats)
-    elif cfg.method == "bcp":
-        step_fn = BCPStep(cfg, student, teacher)
-    else:
-        step_fn = BASELINE_STEPS.get(cfg.method, Stage1Step)(cfg, student, teacher)
+    step_fn = make_step(cfg, student, teacher, stats)
     student.train()
     if teacher is not None:
         teacher.train()  # as the method notes: both in train mode (dropout, batch statistics)
