@@ -205,14 +205,15 @@ def test_benchmark_runs_la_lowres(la_h5_dir, tmp_path):
     spec = importlib.util.spec_from_file_location("bench_la_cpu", REPO / "benchmarks" / "bench_la_cpu.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.write_config(tmp_path, la_h5_dir, 300, 8, 8) == "10pct"
+    assert bench.write_config(tmp_path, la_h5_dir, 300, 8, 8, [1337])[0] == "10pct"
     cfg = validate_config(yaml.safe_load((tmp_path / "config.yaml").read_text(encoding="utf-8")))
     ds = cfg["datasets"]["la_lowres"]
     assert list(cfg["datasets"]) == ["la_lowres"] and ds["raw"]["resample_to"] == [1.25] * 3
     assert ds["raw"]["dir"] == str(la_h5_dir.resolve()) and list(ds["splits"]) == ["10pct"]
     assert ds["splits"]["10pct"]["labelled_percent"] == 10 and ds["splits"]["10pct"]["lambda_c"] == 0.09
     assert ds["patch_size"] == [64, 64, 48] and ds["training"]["iterations"] == 300 and ds["training"]["lr_step"] == 240
-    assert bench.write_config(tmp_path, la_h5_dir, 300, 4, 8) == "4lab"
+    assert ds["seeds"] == [1337]
+    assert bench.write_config(tmp_path, la_h5_dir, 300, 4, 8, [1, 2])[0] == "4lab"
     assert yaml.safe_load((tmp_path / "config.yaml").read_text(encoding="utf-8"))["datasets"]["la_lowres"]["splits"] == {
         "4lab": {"labelled_number": 4, "lambda_c": 0.09}}
 
