@@ -33,9 +33,9 @@ from semiseg.losses import (
 )
 from semiseg.networks import SegmentationNet
 from semiseg.prototypes import PrototypeStatistics
-from semiseg.training.baselines import BASELINE_STEPS
-from semiseg.training.bcp import BCPStep
-from semiseg.training.engine import Stage1Step, Stage2Step, TrainConfig, build_model
+from semiseg.losses import masked_mse_loss, predictive_entropy, softmax_mse, softmax_mse_loss
+from semiseg.training.bcp import masked_cross_entropy, masked_dice_loss, mix_loss
+from semiseg.training.engine import TrainConfig, build_model, make_step
 
 P96 = (96, 96, 96)
 P112 = (112, 112, 80)
@@ -166,6 +166,39 @@ STEP_PARAMS = [pytest.param(m, p, torch.float16, id=f"{m}-{'x'.join(map(str, p))
 ]
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_baseline_losses_at_the_paper_patch(dtype):
+    """The baselines' losses (MT, UA-MT, BCP) on half-precision logits under autocast, at LA's
+    patch 112 x 112 x 80 with large logits (softmax saturates, exp overflows float16): finite,
+    float32, and equal to the float32 computation on the same values (the sums over about
+    2 million voxels run in float32)."""
+    torch.manual_seed(21)
+    n, c = 2, 2
+    y = torch.stack([sphere(P112), sphere(P112, shift=4)])
+    s32 = (torch.randn(n, c, *P112) * 12).to(dtype).float()  # values representable in dtype
+    t32 = (torch.randn(n, c, *P112) * 12).to(dtype).float()
+    mask = torch.ones(P112)
+    mask[20:90, 20:90, 10:60] = 0  # the pasted cuboid
+    passes32 = torch.stack([s32, t32, s32.flip(2)])
+
+    def losses(s, t, passes):
+        mse = softmax_mse(s, t)
+        return {
+            "softmax_mse": softmax_mse_loss(s, t),
+            "masked_mse": masked_mse_loss(mse, predictive_entropy(passes) < 0.6),
+            "masked_dice": masked_dice_loss(s, y, mask.expand(y.shape)),
+            "masked_ce": masked_cross_entropy(s, y, 1 - mask.expand(y.shape)),
+            "mix_loss": mix_loss(s, y, y.flip(1), mask, 0.5, 1.0),
+        }
+
+    ref = losses(s32, t32, passes32)
+    with torch.autocast("cpu", dtype=dtype):
+        half = losses(s32.to(dtype), t32.to(dtype), passes32.to(dtype))
+    for name, value in half.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value), name
+        assert abs(value.item() - ref[name].item()) <= 1e-5 * (1 + abs(ref[name].item())), name
+
+
 def _step(method: str, patch, autocast_dtype, backward: bool = True):
     """Loss, logged terms and the student's gradients of one step, at a fixed seed."""
     extra = {"lambda_c": 0.1} if method == "aua_bcl" else {"lambda_r": 0.1} if method == "full" else {}
@@ -187,12 +220,9 @@ def _step(method: str, patch, autocast_dtype, backward: bool = True):
             stats = PrototypeStatistics(2, cfg.base_filters)
             stats.update(torch.nn.functional.normalize(torch.randn(500, 2) + torch.tensor([2.0, 0.0]), dim=1),
                          torch.arange(500) % 2)
-        step = Stage2Step(cfg, student, stats)
-    elif method == "bcp":
-        step = BCPStep(cfg, student, copy.deepcopy(student))
-    else:
-        teacher = copy.deepcopy(student) if cfg.has_teacher else None
-        step = BASELINE_STEPS.get(method, Stage1Step)(cfg, student, teacher)
+        step = make_step(cfg, student, None, stats)
+    else:  # the engine's own choice of step class (bcp's teacher: a copy of the student)
+        step = make_step(cfg, student, copy.deepcopy(student) if cfg.has_teacher else None)
     student.train()
     torch.manual_seed(6)
     with torch.set_grad_enabled(backward), torch.autocast("cpu", dtype=autocast_dtype or torch.float16,
