@@ -831,3 +831,27 @@ def test_pcl_finite_edge_cases():
     none = prototype_contrastive_loss(f[:0], torch.zeros(0, dtype=torch.long), mu, cov, 100.0)
     none.backward()
     assert none.item() == 0.0 and torch.all(f.grad == 0)
+
+
+@pytest.mark.parametrize("tau", [100.0, 1.0])
+def test_pcl_scale_is_set_by_tau_on_normalised_features(tau):
+    """With unit anchors and pcl_prototypes' normalisation (unit means, unit-norm variance
+    vectors) every PCL logit lies in [-1/tau, 1/tau + 1/(2 tau^2)], so PCL stays within
+    2/tau + 1/(2 tau^2) of ln C and the gradient on each anchor is at most (2/tau + 1/tau^2)/N.
+    At the paper's tau_2 = 100 that is 0.02 of ln 2 (docs/benchmarks.md: PCL barely moves a
+    stage-2 network)."""
+    from semiseg.losses import prototype_contrastive_loss
+    from semiseg.prototypes import PrototypeStatistics
+    from semiseg.training.engine import pcl_prototypes
+
+    torch.manual_seed(1)
+    stats = PrototypeStatistics(2, 8)
+    stats.update(F.normalize(torch.randn(500, 8), dim=1), torch.randint(0, 2, (500,)))
+    means, covs = pcl_prototypes(stats, normalise=True)
+    f = F.normalize(torch.randn(300, 8) * 3 + 1, dim=1).requires_grad_()
+    y = torch.randint(0, 2, (300,))
+    loss = prototype_contrastive_loss(f, y, means, covs, tau)
+    loss.backward()
+    bound = 2 / tau + 1 / (2 * tau**2)
+    assert abs(loss.item() - math.log(2)) <= bound
+    assert f.grad.norm(dim=1).max().item() <= (2 / tau + 1 / tau**2) / f.shape[0] + 1e-9
