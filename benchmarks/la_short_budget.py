@@ -199,11 +199,13 @@ def report(work: Path, tag: str, references: list[str], n_test: int) -> str:
     """The table over every row that the runs of ``tag`` scored (all ``<tag>_*.json`` files
     in ``work``), in the variants' order; rows scored twice (the same model) are kept once."""
     order = list(VARIANTS) + [f"{v}@teacher" for v in VARIANTS] + list(STAGE2_VARIANTS)
-    rows, quality = {}, {}
+    rows: dict[str, dict] = {}
+    quality: dict[str, dict] = {}
     for path in sorted(work.glob(f"{tag}_*.json")):
         blob = json.loads(path.read_text(encoding="utf-8"))
         for name, r in blob["rows"].items():
-            rows.setdefault(name, r)
+            if name not in rows or r["train_s"] > rows[name]["train_s"]:  # the run that trained it
+                rows[name] = r
         quality.update(blob.get("pseudo_quality", {}))
     rows = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     notes = [f"- labels of the unlabelled cases `{k}`: Dice mean {q['mean']:.3f}, median {q['median']:.3f}, "

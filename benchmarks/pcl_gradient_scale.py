@@ -14,7 +14,9 @@ of the same loss with lambda_r = 0 (same batch, same dropout masks), and reports
   (L2 norms over all parameters; the cosine between the two gradients too),
 - the same for ``--tau`` values other than the paper's, to show the scale is tau's.
 
-Networks: a fresh stage-2 V-Net (iteration 0) and, if given, trained stage-2 model files.
+Networks: a fresh stage-2 V-Net (iteration 0) with the stage-1 prototypes it starts from and,
+if given, trained stage-2 model files with the prototypes they end with (PCL's running update
+is saved in ``model.pt``).
 Inputs are the files ``benchmarks/la_short_budget.py`` writes (cases, pseudo labels and
 prototypes of its ``aua_bcl`` model):
 
@@ -34,7 +36,7 @@ import torch
 
 from semiseg.prototypes import PrototypeStatistics
 from semiseg.training.data import PatchBatches
-from semiseg.training.engine import TrainConfig, build_model, load_model, make_step, pcl_prototypes
+from semiseg.training.engine import TrainConfig, build_model, load_model, make_step, pcl_prototypes, read_torch_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,12 +86,19 @@ def main() -> None:
                        prototype_update=False, amp=False)
     data = PatchBatches(labelled, unlabelled, base.patch_size, 2, 2, seed=7, iterations=a.batches, pseudo=pseudo)
     torch.manual_seed(0)
-    nets = {"fresh (iteration 0)": build_model(dataclasses.replace(base, method="aua_bcl_pl", lambda_r=0.0))}
-    nets.update({m: load_model(m, "student") for m in a.models})
+    start = PrototypeStatistics.load(proto_file)
+    nets = {"fresh (iteration 0)": (build_model(dataclasses.replace(base, method="aua_bcl_pl", lambda_r=0.0)), start)}
+    for m in a.models:
+        end = read_torch_file(m, "cpu", "model").get("prototypes")
+        stats = start
+        if end is not None:
+            stats = PrototypeStatistics(start.num_classes, start.feature_dim)
+            stats.load_state_dict(end)
+        nets[m] = (load_model(m, "student"), stats)
     ln_c = math.log(base.num_classes)
     print("| network | tau_2 | PCL (ln C = %.4f) | PCL logit spread | abs(g_PCL) / abs(g_sup) | cos(g_PCL, g_sup) |" % ln_c)
     print("|---|---|---|---|---|---|")
-    for label, net in nets.items():
+    for label, (net, proto) in nets.items():
         net.train()
         for tau in a.tau:
             cfg_full = dataclasses.replace(base, pcl_tau=tau)
@@ -97,7 +106,8 @@ def main() -> None:
             ratios, cosines, pcls, spreads = [], [], [], []
             for t in range(a.batches):
                 batch = data[t]
-                stats = PrototypeStatistics.load(proto_file)
+                stats = PrototypeStatistics(proto.num_classes, proto.feature_dim)
+                stats.load_state_dict(proto.state_dict())  # a fresh copy: no update leaks between calls
                 g_full, terms = gradient(cfg_full, net, stats, batch, seed=t)
                 g_pl, _ = gradient(cfg_pl, net, stats, batch, seed=t)
                 g_pcl = g_full - g_pl
