@@ -37,7 +37,7 @@ functions (:func:`semiseg.pseudo.write_pseudo_label` at ``la_lowres``'s stride 9
 
 The stage-1 model's EMA teacher is scored as well (row ``<stage1>@teacher``), and the pseudo
 labels' Dice against the unlabelled cases' ground truth is printed (mean, median, cases
-under 0.5), with and without the largest-component filter.
+under 0.5) for each kind of label a variant uses (``s2_full_lcc``: after the filter).
 
 Evaluation cases: the 4 shared test cases and ``--holdout`` cases held out of the end of the
 training list (then neither labelled nor unlabelled), so that 4 cases do not decide alone.
@@ -318,11 +318,11 @@ def main() -> None:
                   f"(test 4: {100 * statistics.mean(d[:len(test_cases)]):6.2f}); train {train_s:.0f} s", flush=True)
     table = markdown_table(results, ["supervised", a.against or a.stage1], len(test_cases))
     print(table)
-    names = "-".join(a.variants) if len(a.variants) < 4 else f"{len(a.variants)}variants"
-    stem = f"{tag}_{names}"
-    (work / f"{stem}.json").write_text(json.dumps({"rows": results, "pseudo_quality": pseudo_quality}, indent=1),
-                                       encoding="utf-8")
-    (work / f"{stem}.md").write_text(table + "\n", encoding="utf-8")
+    stem = f"{tag}_{'-'.join(a.variants)}"  # one file per run: --report reads them all
+    for suffix, text in ((".json", json.dumps({"rows": results, "pseudo_quality": pseudo_quality}, indent=1)),
+                         (".md", table + "\n")):
+        with atomic_path(work / f"{stem}{suffix}", suffix=suffix) as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
     print(f"wall-clock {(time.perf_counter() - t0) / 60:.1f} min")
 
 
