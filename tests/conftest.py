@@ -47,3 +47,15 @@ def la_h5_dir() -> Path:
     if not LA_H5.is_dir():
         pytest.skip(f"real LA cases not found at {LA_H5} (set SEMISEG_LA_H5 to their folder)")
     return LA_H5
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory) -> Path:
+    """A micro demo run of the whole workflow (models, tables, figures), built once a session.
+
+    Tests may change its ``config.yaml`` for a dry run and must restore it
+    (``tests.test_workflow.micro_config``); a test that runs jobs copies it first.
+    """
+    from tests.test_workflow import build_micro_run
+
+    return build_micro_run(tmp_path_factory.mktemp("micro"))

@@ -205,7 +205,7 @@ def test_snapshots(tiny_cases, tmp_path):
     ref = tmp_path / "ref"
     path = train(cfg, lab, unl, ref, snapshots={2: ref / "model_iter2.pt"}, **kw)
     snap = torch.load(ref / "model_iter2.pt", weights_only=True)
-    assert snap["format"] == "semiseg-model-1" and snap["iterations"] == 2
+    assert snap["format"] == "semiseg-model-2" and snap["iterations"] == 2
     assert snap["config"] == torch.load(path, weights_only=True)["config"]
     assert not _same(snap["student"], _weights(path)[0])  # not the final weights
     load_model(ref / "model_iter2.pt", "teacher")

@@ -169,9 +169,8 @@ SWEEPS = [f"results/{kind}/demo_5pct_{sweep}.{ext}" for sweep in ("lambda_c", "u
 DATA = ["results/preprocessed/demo/summary.tsv"] + [f"results/splits/demo/{s}/split.json" for s in ("5pct", "50pct")]
 
 
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("micro")
+def build_micro_run(wd: Path) -> Path:
+    """The micro workflow run that the ``micro_run`` fixture (tests/conftest.py, once a session) shares."""
     write_config(wd, micro_config())
     res = smk(wd, "--cores", "2", "all", *MODELS, TABLE, *FIGURES, *SWEEPS)
     assert res.returncode == 0, res.stderr[-3000:]

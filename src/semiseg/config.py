@@ -45,16 +45,57 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(parts) if parts else "(top level)"
 
 
+def coerce_scalars(config: dict[str, Any], schema: Mapping[str, Any]) -> list[str]:
+    """Read, in place, the string values that the schema rejects as YAML scalars where YAML
+    makes a number, a boolean or null of them that the schema accepts; return their dotted keys.
+
+    Snakemake's ``--config 'training={lr: 0.02}'`` parses nested values without types
+    (``'0.02'``, ``'true'``); this gives them the types that ``config.yaml`` would. A string
+    the schema accepts (a path, a name, ``'1337'`` where a string is allowed) is left alone,
+    and so is one whose YAML reading the schema rejects too (then validation reports it).
+    """
+    validator = jsonschema.Draft202012Validator(schema)
+    changed: list[str] = []
+    tried: set[tuple] = set()
+    while True:
+        for err in validator.iter_errors(config):
+            where = tuple(err.absolute_path)
+            if not where or not isinstance(err.instance, str) or where in tried:
+                continue
+            tried.add(where)
+            try:
+                value = yaml.safe_load(err.instance)
+            except yaml.YAMLError:
+                continue
+            if isinstance(value, str) or not (value is None or isinstance(value, (bool, int, float))):
+                continue
+            parent = config
+            for key in where[:-1]:
+                parent = parent[key]
+            parent[where[-1]] = value
+            if any(tuple(e.absolute_path)[: len(where)] == where for e in validator.iter_errors(config)):
+                parent[where[-1]] = err.instance  # the schema rejects the YAML reading too: keep the string
+                continue
+            changed.append(".".join(str(k) for k in where))
+            break  # validate again from the start: the error list has changed
+        else:
+            return changed
+
+
 def validate_config(config: dict[str, Any], schema_path: str | Path | None = None) -> dict[str, Any]:
     """Validate ``config`` in place, filling in the schema's defaults; return it.
 
-    Raises :class:`ConfigError` whose message names the offending key as a dotted path
-    (``datasets.demo.preprocessing.crop_margin: -1 is less than the minimum of 0``).
+    String values that the schema rejects but accepts as YAML reads them (``'0.02'``,
+    ``'true'``, as Snakemake's ``--config`` passes nested values) are read so first
+    (:func:`coerce_scalars`). Raises :class:`ConfigError` whose message names the offending
+    key as a dotted path (``datasets.demo.preprocessing.crop_margin: -1 is less than the
+    minimum of 0``).
     """
     _check_moved_keys(config)
     path = Path(schema_path) if schema_path is not None else DEFAULT_SCHEMA
     with open(path, encoding="utf-8") as fh:
         schema = yaml.safe_load(fh)
+    coerce_scalars(config, schema)
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     _raise_first(validator.iter_errors(config), prefix="")
     # A data set's training block overrides single keys of the top-level one: validate the merge.

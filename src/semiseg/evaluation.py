@@ -10,10 +10,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from semiseg.inference import write_prediction_nifti
+from semiseg.inference import predict_probabilities, write_prediction_nifti
 from semiseg.io.atomic import atomic_path
 from semiseg.metrics import segmentation_metrics
-from semiseg.pseudo import predict_probabilities
 
 #: Table rows (paper, Table V, plus the fully supervised upper bound of Table II): key -> label.
 ABLATION_ROWS = {
@@ -86,6 +85,94 @@ def case_metrics(
             m = segmentation_metrics(fp["label"][...], fc["label"][...], spacing=spacing, empty_policy=empty_policy)
         rows.append({"case": Path(cp).stem, **m})
     table = pd.DataFrame(rows)
+    if out_path is not None:
+        with atomic_path(out_path, suffix=".csv") as tmp:
+            table.to_csv(tmp, index=False)
+    return table
+
+
+def _read_label_map(path: Path, what: str) -> tuple[np.ndarray, tuple[float, ...] | None, object]:
+    """(X, Y, Z) label array, spacing (mm) or None, and the image geometry (None for HDF5)."""
+    from semiseg.io.readers import Geometry, image_stem, read_image, to_xyz_array
+
+    if path.name.lower().endswith(".h5"):
+        with h5py.File(path, "r") as f:
+            if "label" not in f:
+                raise ValueError(f"{path}: {what} file has no 'label' dataset")
+            spacing = f.attrs.get("spacing")
+            return f["label"][...], None if spacing is None else tuple(float(v) for v in spacing), None
+    image = read_image(image_stem(path), path, what=what)
+    return to_xyz_array(image), tuple(image.GetSpacing()), Geometry.of(image)
+
+
+def _label_files(folder: Path, ext: str | None, what: str) -> dict[str, Path]:
+    from semiseg.io.readers import IMAGE_SUFFIXES, image_stem
+
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: {what} folder does not exist")
+    endings = (ext.lower(),) if ext else (*IMAGE_SUFFIXES, ".h5")
+    files: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name.lower().endswith(endings):
+            name = image_stem(p)
+            if name in files:
+                raise ValueError(f"{folder}: {files[name].name} and {p.name} are both {what} '{name}'; choose one "
+                                 "file type with --ext (e.g. --ext .nii.gz)")
+            files[name] = p
+    return files
+
+
+def evaluate_folders(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    unit: str = "mm",
+    empty_policy: str = "worst",
+    ext: str | None = None,
+    out_path: str | Path | None = None,
+) -> pd.DataFrame:
+    """Per-case metrics of two folders of label maps matched by file name (``semiseg evaluate``).
+
+    Files: NIfTI / NRRD / MHA label maps, or semiseg HDF5 files with a ``label`` dataset
+    (predictions and preprocessed cases of the workflow); ``ext`` keeps one file ending
+    only. The case name is the file name without its ending. Foreground is every non-zero
+    voxel, as in :func:`case_metrics`. ``unit``: ``mm`` (the reference's spacing) or
+    ``voxel``. Every prediction needs a reference of the same name and grid (size, and for
+    image files spacing, origin and direction), else a ``ValueError`` names the files;
+    references without a prediction are not scored (the number is in the returned frame's
+    ``attrs["unscored_references"]``). One row per prediction, in name order: ``case``,
+    ``dice``, ``jaccard``, ``asd``, ``hd95``, ``empty_pred``, ``empty_ref``; written
+    atomically as CSV to ``out_path`` when given.
+    """
+    from semiseg.io.readers import geometry_mismatch
+
+    if unit not in ("voxel", "mm"):
+        raise ValueError(f"unit must be 'voxel' or 'mm', got {unit!r}")
+    preds = _label_files(Path(pred_dir), ext, "prediction")
+    refs = _label_files(Path(ref_dir), ext, "reference")
+    if not preds:
+        raise ValueError(f"{pred_dir}: no predicted label maps (NIfTI, NRRD, MHA or HDF5) in this folder")
+    missing = [name for name in preds if name not in refs]
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise ValueError(f"{ref_dir}: no reference for {len(missing)} of the {len(preds)} predictions: {shown}")
+    rows = []
+    for name, pred_path in preds.items():
+        ref_path = refs[name]
+        pred, _, pred_geom = _read_label_map(pred_path, "prediction")
+        ref, spacing, ref_geom = _read_label_map(ref_path, "reference")
+        if pred.shape != ref.shape:
+            raise ValueError(f"{pred_path}: prediction of size {list(pred.shape)} against the reference {ref_path} "
+                             f"of size {list(ref.shape)}")
+        if pred_geom is not None and ref_geom is not None:
+            mismatch = geometry_mismatch(ref_geom, pred_geom)
+            if mismatch:
+                raise ValueError(f"{pred_path}: not on the grid of the reference {ref_path}: {mismatch}")
+        if unit == "mm" and spacing is None:
+            raise ValueError(f"{ref_path}: no spacing attribute, so distances in mm are undefined; use --unit voxel")
+        m = segmentation_metrics(pred, ref, spacing=spacing if unit == "mm" else None, empty_policy=empty_policy)
+        rows.append({"case": name, **m})
+    table = pd.DataFrame(rows)[["case", "dice", "jaccard", "asd", "hd95", "empty_pred", "empty_ref"]]
+    table.attrs["unscored_references"] = len(set(refs) - set(preds))
     if out_path is not None:
         with atomic_path(out_path, suffix=".csv") as tmp:
             table.to_csv(tmp, index=False)

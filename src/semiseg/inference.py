@@ -12,13 +12,15 @@ import copy
 import itertools
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from semiseg.models import load_model
 from semiseg.precision import autocast as amp_autocast
-from semiseg.training.engine import resolve_device
+from semiseg.precision import resolve_device
 
 if TYPE_CHECKING:  # SimpleITK is imported where it is used: GPU machines may lack it
     import SimpleITK as sitk
@@ -170,29 +172,58 @@ def sliding_window_predict(
     return probs[(slice(None), *sl)].cpu().numpy()
 
 
-def to_raw_geometry(label: np.ndarray, attrs: dict) -> sitk.Image:
-    """Put a label map of the stored (preprocessed) grid back on the raw image's grid.
+def predict_probabilities(
+    model_path: str | Path,
+    case_path: str | Path,
+    patch_size: Sequence[int],
+    stride: Sequence[int],
+    weights: str = "student",
+    weighting: str = "uniform",
+    device: str = "auto",
+    batch_size: int = 2,
+    amp: bool = False,
+) -> np.ndarray:
+    """Class probabilities (C, X, Y, Z) float32 of one preprocessed HDF5 case under a trained
+    model file (:func:`sliding_window_predict`)."""
+    import h5py
 
-    ``label`` (X, Y, Z) in the HDF5 case's grid; ``attrs`` that case file's attributes. The
-    crop is undone (zeros outside the crop box) and the resampling undone by nearest
-    neighbour, so the result overlays on the original scan (ITK-SNAP, 3D Slicer): its size,
-    spacing, origin and direction are the raw image's.
+    dev = resolve_device(device)
+    model = load_model(model_path, weights, str(dev))
+    with h5py.File(case_path, "r") as f:
+        image = f["image"][...]
+    return sliding_window_predict(model, image, patch_size, stride, batch_size=batch_size, weighting=weighting, device=dev, amp=amp)
+
+
+def to_raw_geometry(values: np.ndarray, attrs: dict, interpolation: str = "nearest") -> sitk.Image:
+    """Put a volume of the stored (preprocessed) grid back on the raw image's grid.
+
+    ``values`` (X, Y, Z) in the HDF5 case's grid: a label map (uint8, ``interpolation``
+    ``nearest``; the result is uint8) or a probability map (float, ``linear``; the result is
+    float32); ``attrs`` that case file's attributes. The crop is undone (zeros outside the
+    crop box) and the resampling undone by the interpolator, so the result overlays on the
+    original scan (ITK-SNAP, 3D Slicer): its size, spacing, origin and direction are the
+    raw image's.
     """
     import SimpleITK as sitk
 
     from semiseg.io.h5 import CaseGeometry
     from semiseg.io.readers import from_xyz_array
 
+    if interpolation not in ("nearest", "linear"):
+        raise ValueError(f"interpolation must be 'nearest' or 'linear', got {interpolation!r}")
     cg = CaseGeometry.from_attrs(attrs)
-    if tuple(label.shape) != cg.stored.size:
-        raise ValueError(f"label shape {tuple(label.shape)} differs from the case's stored shape {cg.stored.size}")
-    full = np.zeros(cg.resampled.size, dtype=np.uint8)
-    full[tuple(slice(a, b) for a, b in zip(cg.crop_start, cg.crop_stop, strict=True))] = label
-    raw = sitk.Image([int(s) for s in cg.raw.size], sitk.sitkUInt8)
+    if tuple(values.shape) != cg.stored.size:
+        raise ValueError(f"volume shape {tuple(values.shape)} differs from the case's stored shape {cg.stored.size}")
+    label = interpolation == "nearest"
+    dtype, pixel = (np.uint8, sitk.sitkUInt8) if label else (np.float32, sitk.sitkFloat32)
+    full = np.zeros(cg.resampled.size, dtype=dtype)
+    full[tuple(slice(a, b) for a, b in zip(cg.crop_start, cg.crop_stop, strict=True))] = values
+    raw = sitk.Image([int(s) for s in cg.raw.size], pixel)
     raw.SetSpacing(cg.raw.spacing)
     raw.SetOrigin(cg.raw.origin)
     raw.SetDirection(cg.raw.direction)
-    return sitk.Resample(from_xyz_array(full, cg.resampled), raw, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    interp = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
+    return sitk.Resample(from_xyz_array(full, cg.resampled), raw, sitk.Transform(), interp, 0, pixel)
 
 
 def write_prediction_nifti(label: np.ndarray, attrs: dict, path) -> None:

@@ -11,8 +11,8 @@ off (on every device type where it is on) and :func:`full_precision_op` wraps a
 function in it, with its floating-point tensor arguments cast up to float32.
 ``docs/method-choices.md`` lists which parts of the method run in reduced precision.
 
-Device handling (which device, which autocast dtype) lives here and in
-:func:`semiseg.training.engine.resolve_device`; nothing else calls ``.cuda()``.
+Device handling (which device: :func:`resolve_device`; which autocast dtype) lives here;
+nothing else calls ``.cuda()``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,14 @@ import torch
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
 
 T = TypeVar("T", bound=Callable)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The device to run on: ``auto`` is CUDA when present, else the CPU; any other value
+    (``cpu``, ``cuda``, ``cuda:1``, ``mps``) as ``torch.device`` reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def default_amp_dtype(device_type: str) -> torch.dtype:

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from semiseg.inference import padding_for, sliding_window_predict, window_starts
+from semiseg.inference import padding_for, predict_probabilities, sliding_window_predict, window_starts  # noqa: F401
 from semiseg.io.atomic import atomic_path
 from semiseg.prototypes import PrototypeStatistics
-from semiseg.training.engine import load_model, resolve_device
+from semiseg.models import load_model
+from semiseg.precision import resolve_device
 
 if TYPE_CHECKING:  # pandas is imported where it is used: GPU machines may lack it
     import pandas as pd
@@ -36,26 +37,6 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def predict_probabilities(
-    model_path: str | Path,
-    case_path: str | Path,
-    patch_size: Sequence[int],
-    stride: Sequence[int],
-    weights: str = "student",
-    weighting: str = "uniform",
-    device: str = "auto",
-    batch_size: int = 2,
-    amp: bool = False,
-) -> np.ndarray:
-    """Class probabilities (C, X, Y, Z) of one preprocessed case under a trained model file
-    (:func:`semiseg.inference.sliding_window_predict`)."""
-    dev = resolve_device(device)
-    model = load_model(model_path, weights, str(dev))
-    with h5py.File(case_path, "r") as f:
-        image = f["image"][...]
-    return sliding_window_predict(model, image, patch_size, stride, batch_size=batch_size, weighting=weighting, device=dev, amp=amp)
 
 
 def write_pseudo_label(

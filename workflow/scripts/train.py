@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 from semiseg.jobs import job
+from semiseg.models import deployment_record
 from semiseg.training.engine import TrainConfig, train
 
 with job(snakemake.log[0], "train") as log:  # noqa: F821
@@ -17,6 +18,13 @@ with job(snakemake.log[0], "train") as log:  # noqa: F821
     log.info("training %s: %s", cfg.method, cfg)
     inputs = snakemake.input  # noqa: F821
     outputs = snakemake.output  # noqa: F821
+    # What `semiseg predict` needs (preprocessing as recorded in the training cases, patch,
+    # the data set's stride): written into model.pt, not a param (the stride is an
+    # inference setting; changing it must not retrain).
+    dataset = snakemake.wildcards.dataset  # noqa: F821
+    deployment = deployment_record(
+        list(inputs.labelled), cfg.patch_size, config["datasets"][dataset]["stride"], dataset, config["datasets"][dataset]
+    )
     train(
         cfg,
         labelled=list(snakemake.input.labelled),  # noqa: F821
@@ -29,4 +37,5 @@ with job(snakemake.log[0], "train") as log:  # noqa: F821
         prototypes=inputs.prototypes if "prototypes" in inputs.keys() else None,
         init_from=inputs.init if "init" in inputs.keys() else None,
         snapshots={snakemake.params.snapshot: outputs.snapshot} if "snapshot" in outputs.keys() else None,  # noqa: F821
+        deployment=deployment,
     )

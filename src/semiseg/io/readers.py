@@ -99,6 +99,19 @@ def _read_dicom_series(case: str, folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
+#: File name endings of image files (one scan or label map each).
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def image_stem(path: str | Path) -> str:
+    """A file's name without its image ending (``case_01.nii.gz`` -> ``case_01``); a folder's name."""
+    name = Path(path).name
+    for suffix in (*IMAGE_SUFFIXES, ".h5"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def read_image(case: str, path: str | Path, *, what: str = "image") -> sitk.Image:
     """Read one 3D image (file or DICOM series folder) with SimpleITK.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,24 @@ class PreprocessingParams:
             label_orientation=p.get("label_orientation", "header"),
             label_orientation_ratio=float(p.get("label_orientation_ratio", DEFAULT_RATIO)),
         )
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> PreprocessingParams:
+        """Rebuild the parameters from the ``preprocessing`` record a case file (and a model
+        file's deployment record) carries; the inverse of the record written with each case."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        unknown = sorted(set(record) - names)
+        if unknown:
+            raise ValueError(f"unknown preprocessing record keys {unknown} (a newer semiseg wrote it?)")
+        v = dict(record)
+        if v.get("label_map") is not None:
+            v["label_map"] = {int(k): int(c) for k, c in v["label_map"].items()}
+        for key in ("classes", "intensity_clip", "target_spacing"):
+            if v.get(key) is not None:
+                v[key] = tuple(v[key])
+        if isinstance(v.get("crop_margin"), list):
+            v["crop_margin"] = tuple(int(m) for m in v["crop_margin"])
+        return cls(**v)
 
     def lookup_table(self) -> dict[int, int]:
         return dict(self.label_map) if self.label_map is not None else {c: c for c in range(len(self.classes))}

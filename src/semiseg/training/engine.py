@@ -65,8 +65,9 @@ from semiseg.losses import (
     prototype_contrastive_loss,
     soft_dice_loss,
 )
+from semiseg.models import MODEL_FORMAT, load_model, read_torch_file  # noqa: F401 (re-exported)
 from semiseg.networks import SegmentationNet
-from semiseg.precision import autocast
+from semiseg.precision import autocast, resolve_device  # noqa: F401 (resolve_device re-exported)
 from semiseg.prototypes import PrototypeStatistics
 from semiseg.training.baselines import BASELINE_METHODS, BASELINE_STEPS
 from semiseg.training.bcp import BCPStep, validate_bcp_settings
@@ -181,13 +182,6 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto``: CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def build_model(cfg: TrainConfig) -> SegmentationNet:
     return SegmentationNet(
         num_classes=cfg.num_classes, base_filters=cfg.base_filters, dropout=cfg.dropout,
@@ -229,28 +223,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def read_torch_file(path: str | Path, device: str | torch.device = "cpu", what: str = "model") -> dict[str, Any]:
-    """Read a semiseg model, checkpoint or snapshot file with ``torch.load(weights_only=True)``.
-
-    Such a file holds tensors and plain containers only, so loading it never runs code. A
-    file that is not one (another pickle, an older format with NumPy objects, not a PyTorch
-    file at all) raises ``ValueError`` with one line naming the file; a missing file raises
-    ``FileNotFoundError``.
-    """
-    try:
-        blob = torch.load(path, map_location=device, weights_only=True)
-    except OSError:
-        raise
-    except Exception as exc:  # UnpicklingError, RuntimeError (not a zip archive), EOFError, ...
-        raise ValueError(
-            f"{path}: not a semiseg {what} file (it is not a PyTorch file of tensors and plain containers: "
-            f"{type(exc).__name__})"
-        ) from None
-    if not isinstance(blob, dict):
-        raise ValueError(f"{path}: not a semiseg {what} file (it holds a {type(blob).__name__}, not a dict)")
-    return blob
 
 
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
@@ -411,6 +383,7 @@ def train(
     prototypes: str | Path | None = None,
     init_from: str | Path | None = None,
     snapshots: Mapping[int, str | Path] | None = None,
+    deployment: Mapping[str, Any] | None = None,
 ) -> Path:
     """Train one model; write ``model.pt`` and ``losses.csv`` in ``out_dir``; return the model path.
 
@@ -425,6 +398,9 @@ def train(
     ``checkpoint.pt`` in ``out_dir`` is resumed from when it matches ``cfg`` (and is not past
     a snapshot still to write: then training starts over).
     ``callback(iteration)`` runs after every iteration (progress hooks, tests).
+    ``deployment``: the record :func:`semiseg.models.deployment_record` makes (class names,
+    preprocessing, patch, stride), written into every model file so that it can predict
+    new scans on its own (``semiseg predict``); None writes none.
     """
     snapshots = {int(k): Path(v) for k, v in (snapshots or {}).items()}
     outside = sorted(k for k in snapshots if not 1 <= k <= cfg.iterations)
@@ -523,7 +499,7 @@ def train(
 
         bar = tqdm(total=cfg.iterations, initial=start, file=sys.stderr, desc=f"{cfg.method}", dynamic_ncols=True)
     if start in snapshots:  # resumed exactly at a snapshot iteration
-        _save_model(snapshots[start], cfg, start, student, teacher, stats)
+        _save_model(snapshots[start], cfg, start, student, teacher, stats, deployment)
     it = iter(loader)
     t_wait_total = t_step_total = 0.0
     for t in range(start, cfg.iterations):
@@ -552,7 +528,7 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
         if t + 1 in snapshots:
-            _save_model(snapshots[t + 1], cfg, t + 1, student, teacher, stats)
+            _save_model(snapshots[t + 1], cfg, t + 1, student, teacher, stats, deployment)
             log.info("iteration %d: model snapshot %s", t + 1, snapshots[t + 1])
         if (t + 1) % checkpoint_every == 0 or t + 1 == cfg.iterations:
             _save_checkpoint(ckpt_path, cfg, t + 1, student, teacher, opt, sched, scaler, history, stats)
@@ -565,16 +541,16 @@ def train(
         bar.close()
 
     model_path = out / "model.pt"
-    _save_model(model_path, cfg, cfg.iterations, student, teacher, stats)
+    _save_model(model_path, cfg, cfg.iterations, student, teacher, stats, deployment)
     write_history(history, out / "losses.csv")
     return model_path
 
 
-def _save_model(path, cfg, iterations, student, teacher, stats) -> None:
-    """The model file (``load_model``'s format) of the weights after ``iterations`` iterations, atomically."""
+def _save_model(path, cfg, iterations, student, teacher, stats, deployment=None) -> None:
+    """The model file (:mod:`semiseg.models`' format) of the weights after ``iterations`` iterations, atomically."""
     with atomic_path(path) as tmp:
         torch.save({
-            "format": "semiseg-model-1", "stage": cfg.stage, "method": cfg.method, "config": asdict(cfg),
+            "format": MODEL_FORMAT, "deployment": dict(deployment) if deployment is not None else None, "stage": cfg.stage, "method": cfg.method, "config": asdict(cfg),
             "network": student.config, "student": student.state_dict(),
             "teacher": teacher.state_dict() if teacher is not None else None,
             "iterations": iterations,
@@ -616,19 +592,3 @@ def write_history(history: list[dict[str, float]], path: str | Path) -> None:
         w = csv.DictWriter(fh, fieldnames=columns)
         w.writeheader()
         w.writerows(history)
-
-
-def load_model(path: str | Path, weights: str = "student", device: str = "cpu") -> SegmentationNet:
-    """Load a trained model file; ``weights``: ``student`` or ``teacher``. Strict key matching.
-
-    The file is read with ``weights_only=True`` (:func:`read_torch_file`): it never runs code.
-    """
-    blob = read_torch_file(path, device, "model")
-    if blob.get("format") != "semiseg-model-1":
-        raise ValueError(f"{path}: not a semiseg model file (no 'format: semiseg-model-1' entry)")
-    state = blob[weights]
-    if state is None:
-        raise ValueError(f"{path}: has no {weights} weights (method {blob['method']})")
-    net = SegmentationNet(**blob["network"])
-    net.load_state_dict(state, strict=True)
-    return net.to(device)
