@@ -489,3 +489,21 @@ def test_micro_comparison_two_seeds(micro_run):
                 assert (micro_run / f"results/models/demo_5pct/seed{seed}/stage1_{method}/model.pt").exists()
     finally:
         write_config(micro_run, micro_config())
+
+
+def test_config_overrides_on_the_command_line_rerun_only_dependents(micro_run, tmp_path):
+    """--config with nested keys (values typed as config.yaml would type them) and --configfile
+    with an overlay: the same rerun scope as editing config.yaml."""
+    res = smk(micro_run, "-n", *DATA, *MODELS, "--config", "training={lr: 0.02}")
+    assert res.returncode == 0, res.stderr
+    assert job_counts(res.stdout + res.stderr) == TRAIN_ALL
+    res = smk(micro_run, "-n", TABLE, "--config", "evaluation={amp: true}")
+    assert res.returncode == 0, res.stderr
+    assert job_counts(res.stdout + res.stderr) == {"predict_case": 6, "case_metrics": 6, "ablation_table": 1}
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"training": {"pcl_tau": 50}, "evaluation": {"empty_policy": "nan"}}), encoding="utf-8")
+    res = smk(micro_run, "-n", *MODELS, TABLE, "--configfile", str(micro_run / "config.yaml"), str(overlay))
+    assert res.returncode == 0, res.stderr
+    assert job_counts(res.stdout + res.stderr) == {"train_stage2": 1, "predict_case": 1, "case_metrics": 6, "ablation_table": 1}
+    res = smk(micro_run, "-n", TABLE, "--config", "training={lr: fast}")
+    assert res.returncode != 0 and "training.lr: 'fast' is not of type 'number'" in res.stdout + res.stderr

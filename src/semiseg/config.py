@@ -96,10 +96,13 @@ def validate_config(config: dict[str, Any], schema_path: str | Path | None = Non
     with open(path, encoding="utf-8") as fh:
         schema = yaml.safe_load(fh)
     coerce_scalars(config, schema)
+    training_schema = {"$defs": schema["$defs"], **schema["$defs"]["training"]}
+    for ds in (config.get("datasets") or {}).values():  # their training blocks are checked merged, below
+        if isinstance(ds, dict) and isinstance(ds.get("training"), dict):
+            coerce_scalars(ds["training"], training_schema)
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     _raise_first(validator.iter_errors(config), prefix="")
     # A data set's training block overrides single keys of the top-level one: validate the merge.
-    training_schema = {"$defs": schema["$defs"], **schema["$defs"]["training"]}
     plain = jsonschema.Draft202012Validator(training_schema)
     for name, ds in config.get("datasets", {}).items():
         if ds.get("training"):
