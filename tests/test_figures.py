@@ -96,6 +96,10 @@ def test_pseudo_quality_and_sweep_plots(tmp_path):
     q = pd.DataFrame({"case": ["a", "b", "c"], "dice": [0.5, 0.7, 0.6]})
     pseudo_quality_plot(q, tmp_path / "p.png", dpi=50)
     assert mpimg.imread(tmp_path / "p.png").ndim == 3
+    # The quality file's summary row and cases without a reference are not drawn as cases.
+    with_mean = pd.DataFrame({"case": ["a", "b", "c", "d", "mean"], "dice": [0.5, 0.7, 0.6, float("nan"), 0.6]})
+    drawn = pseudo_quality_plot(with_mean, tmp_path / "m.png", dpi=50)
+    assert list(drawn["case"]) == ["a", "c", "b"]
     with pytest.raises(ValueError, match="case, dice"):
         pseudo_quality_plot(pd.DataFrame({"case": []}), tmp_path / "e.png")
     table = pd.DataFrame({"lambda_c": [0.03, 0.09], "Dice[%]": ["79.26 ± 6.10", "79.81 ± 5.00"]})

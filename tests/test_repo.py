@@ -36,3 +36,33 @@ def test_conda_env_mirrors_package_dependencies():
     conda = {conda_names.get(n, n) for n in conda}
     # snakemake runs the jobs; it need not be inside the jobs' environment.
     assert names - {"snakemake"} <= conda, names - conda
+
+
+def test_license_and_citation():
+    import tomllib
+
+    import yaml
+
+    assert tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["license"] == {"text": "MIT"}
+    assert (REPO / "LICENSE").read_text(encoding="utf-8").startswith("MIT License")
+    cff = yaml.safe_load((REPO / "CITATION.cff").read_text(encoding="utf-8"))
+    assert cff["cff-version"] == "1.2.0" and cff["license"] == "MIT"
+    assert cff["preferred-citation"]["title"].startswith("Exploring Feature Representation Learning")
+    import semiseg
+
+    assert str(cff["version"]) == semiseg.__version__
+
+
+def test_readme_links_and_docs_for_users():
+    """The README's relative links resolve; the user docs name no issue numbers and no
+    paths outside the repository."""
+    import re
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(((?!https?://)[^)#]+)\)", readme):
+        assert (REPO / target).exists(), target
+    for doc in ("workflow", "configuration", "real-data", "cluster", "data-format", "python-api", "command-line"):
+        text = (REPO / "docs" / f"{doc}.md").read_text(encoding="utf-8")
+        assert not re.search(r"\bissue \d+", text, flags=re.I), doc
+        assert "../shared" not in text, doc
+    assert not re.search(r"\bissue \d+", readme, flags=re.I) and "../shared" not in readme

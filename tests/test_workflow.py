@@ -122,6 +122,11 @@ def test_missing_real_data_fails_at_once(tmp_path):
     assert res.returncode != 0
     out = res.stdout + res.stderr
     assert "data/Task10_Colon" in out and "medicaldecathlon" in out and "snakemake --cores" in out
+    # One line, naming both templates and the documentation, without a rule's traceback.
+    (line,) = [ln for ln in out.splitlines() if "raw data not found" in ln]
+    assert line.startswith("Error: data set 'colon'") and "images imagesTr/{case}.nii.gz" in line
+    assert "labels labelsTr/{case}.nii.gz" in line and "'Real data' (docs/real-data.md)" in line
+    assert "Traceback" not in out and "InputFunctionException" not in out
 
 
 def test_keep_going_with_bad_cases(tmp_path):
@@ -507,3 +512,33 @@ def test_config_overrides_on_the_command_line_rerun_only_dependents(micro_run, t
     assert job_counts(res.stdout + res.stderr) == {"train_stage2": 1, "predict_case": 1, "case_metrics": 6, "ablation_table": 1}
     res = smk(micro_run, "-n", TABLE, "--config", "training={lr: fast}")
     assert res.returncode != 0 and "training.lr: 'fast' is not of type 'number'" in res.stdout + res.stderr
+
+
+def test_report_holds_the_tables_and_figures(micro_run, tmp_path):
+    """snakemake --report works from the README's install (pygments is a dependency) and
+    collects the result tables next to the figures."""
+    report = tmp_path / "report.html"
+    res = smk(micro_run, "--report", str(report), TABLE, *FIGURES, *SWEEPS)
+    assert res.returncode == 0, res.stderr[-3000:]
+    html = report.read_text(encoding="utf-8")
+    for name in ("demo_5pct.csv", "demo_5pct_lambda_c.csv", "qualitative.png", "training_curves.png", "pseudo_quality.png"):
+        assert name in html, name
+    assert "Tables" in html and "Figures" in html
+
+
+def test_readme_change_one_value_example(micro_run):
+    """The README's "change one value" dry run, as written there, reruns what the README says."""
+    import shlex
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    (line,) = [ln.split("#")[0].strip() for ln in readme.splitlines() if ln.startswith("snakemake -n all --config")]
+    args = shlex.split(line)[1:]
+    res = smk(micro_run, *args, TABLE, *FIGURES)
+    assert res.returncode == 0, res.stderr
+    assert job_counts(res.stdout + res.stderr) == {
+        "train_stage1": 1, **DOWNSTREAM_OF_AUA_BCL, "predict_case": 3, "case_metrics": 3, "ablation_table": 1,
+        "figure_qualitative": 1, "figure_training_curves": 1, "figure_pseudo_quality": 1, "all": 1}
+    out = res.stdout + res.stderr
+    assert "output: results/models/demo_5pct/seed1337/stage1_aua_bcl/model.pt" in out
+    for kept in ("stage1_supervised", "stage1_aua/", "fully_supervised"):
+        assert f"output: results/models/demo_5pct/seed1337/{kept}" not in out and "output: results/models/demo/seed1337/fully" not in out

@@ -59,11 +59,17 @@ def generated_cases(ds: Mapping[str, Any]) -> list[str]:
 
 
 def missing_data_message(name: str, ds: Mapping[str, Any], base: str | Path = ".") -> str:
-    root = Path(base) / ds["raw"]["dir"]
-    source = ds.get("source", "see the README's 'Real data' section")
+    """One line: where the data set's raw files were expected (both templates), where to get
+    them, the documentation section, and the demo to run without them."""
+    raw = ds["raw"]
+    root = Path(base) / raw["dir"]
+    source = ds.get("source", "see docs/real-data.md")
+    templates = f"images {raw['image']}" + (f", labels {raw['label']}" if raw.get("label") else "")
+    if raw.get("unlabelled_image"):
+        templates += f", unlabelled images {raw['unlabelled_image']}"
     return (
         f"data set '{name}': raw data not found at {root} ({root.resolve()}; config key datasets.{name}.raw.dir; "
-        f"expected files like {ds['raw']['image']}). Get it from: {source}. "
+        f"expected {templates}). Get it from: {source}; layouts: README.md, 'Real data' (docs/real-data.md). "
         f"To try the pipeline without it, run the synthetic demo: {DEMO_COMMAND}"
     )
 

@@ -173,12 +173,22 @@ def pseudo_quality_plot(
     out_path: str | Path,
     size: Sequence[float] = (7.0, 3.5),
     dpi: int = 150,
-) -> None:
-    """Per-case Dice of the pseudo labels (``quality``: columns case, dice; sorted
-    ascending) as bars, with the mean as a line."""
+) -> pd.DataFrame:
+    """Per-case Dice of the pseudo labels (``quality``: columns case, dice, as
+    :func:`semiseg.pseudo.pseudo_label_quality` writes it) as bars sorted ascending, with
+    the mean over the cases as a line; returns the cases drawn.
+
+    The table's summary row (case ``mean``, its last row) is not a case and is not drawn;
+    cases without a reference (Dice NaN) are left out.
+    """
     if not {"case", "dice"} <= set(quality.columns) or quality.empty:
         raise ValueError("pseudo-label quality needs a non-empty table with columns case, dice")
-    q = quality.sort_values("dice")
+    q = quality
+    if str(q["case"].iloc[-1]) == "mean":
+        q = q.iloc[:-1]
+    q = q[q["dice"].astype(float).notna()].sort_values("dice")
+    if q.empty:
+        raise ValueError("pseudo-label quality: no case with a reference label to draw")
     fig, ax = plt.subplots(figsize=tuple(size))
     ax.bar(range(len(q)), 100 * q["dice"].astype(float), color="tab:blue")
     mean = 100 * q["dice"].astype(float).mean()
@@ -189,6 +199,7 @@ def pseudo_quality_plot(
     ax.set_ylim(0, 100)
     ax.legend(frameon=False)
     _save(fig, out_path, dpi)
+    return q
 
 
 def sweep_plot(

@@ -68,12 +68,17 @@ wildcard_constraints:
 
 
 def glue(fn):
-    """Call a Plan method; its one-line errors become Snakemake's WorkflowError."""
+    """Call a Plan method; its one-line errors become Snakemake's WorkflowError, except
+    missing raw data: that stops the run with its one line alone (no rule's traceback).
+    """
 
     def call(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, RawDataMissing) as exc:
+        except RawDataMissing as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except ConfigError as exc:
             raise WorkflowError(str(exc)) from None
 
     call.__name__ = getattr(fn, "__name__", "plan")

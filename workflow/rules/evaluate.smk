@@ -48,7 +48,12 @@ rule ablation_table:
     input:
         unpack(table_inputs),
     output:
-        csv=f"{RESULTS}/tables/{{dataset}}_{{split}}.csv",
+        csv=report(
+            f"{RESULTS}/tables/{{dataset}}_{{split}}.csv",
+            caption="../report/ablation_table.rst",
+            category="Tables",
+            subcategory="{dataset} {split}",
+        ),
         md=f"{RESULTS}/tables/{{dataset}}_{{split}}.md",
         per_seed=f"{RESULTS}/tables/{{dataset}}_{{split}}_per_seed.csv",
     log:
@@ -67,7 +72,12 @@ rule sweep_table:
     input:
         sweep_inputs,
     output:
-        csv=f"{RESULTS}/tables/{{dataset}}_{{split}}_{{sweep}}.csv",
+        csv=report(
+            f"{RESULTS}/tables/{{dataset}}_{{split}}_{{sweep}}.csv",
+            caption="../report/sweep_table.rst",
+            category="Sweeps",
+            subcategory="{dataset} {split}",
+        ),
         md=f"{RESULTS}/tables/{{dataset}}_{{split}}_{{sweep}}.md",
         per_seed=f"{RESULTS}/tables/{{dataset}}_{{split}}_{{sweep}}_per_seed.csv",
     log:
@@ -88,7 +98,12 @@ rule comparison_table:
     input:
         unpack(comparison_inputs),
     output:
-        csv=f"{RESULTS}/tables/{{dataset}}_{{split}}_comparison.csv",
+        csv=report(
+            f"{RESULTS}/tables/{{dataset}}_{{split}}_comparison.csv",
+            caption="../report/comparison_table.rst",
+            category="Tables",
+            subcategory="{dataset} {split}",
+        ),
         md=f"{RESULTS}/tables/{{dataset}}_{{split}}_comparison.md",
         per_seed=f"{RESULTS}/tables/{{dataset}}_{{split}}_comparison_per_seed.csv",
     log:

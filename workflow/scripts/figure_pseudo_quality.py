@@ -8,5 +8,5 @@ from semiseg.jobs import job
 with job(snakemake.log[0], "figure") as log:  # noqa: F821
     p = snakemake.params  # noqa: F821
     quality = pd.read_csv(snakemake.input[0])  # noqa: F821
-    pseudo_quality_plot(quality, snakemake.output[0], size=p.size, dpi=p.dpi)  # noqa: F821
-    log.info("%d cases, mean Dice %.4f", len(quality), quality["dice"].mean())
+    drawn = pseudo_quality_plot(quality, snakemake.output[0], size=p.size, dpi=p.dpi)  # noqa: F821
+    log.info("%d cases, mean Dice %.4f", len(drawn), drawn["dice"].mean())
