@@ -27,7 +27,7 @@ import torch
 
 from semiseg.inference import sliding_window_predict
 from semiseg.networks.vnet import SegmentationNet
-from semiseg.training.engine import resolve_device
+from semiseg.precision import resolve_device
 
 
 def naive_predict(net, image: np.ndarray, patch, stride, device) -> np.ndarray:
@@ -78,7 +78,7 @@ def main() -> None:
         image = f["image"][...].astype(np.float32)
     dev = resolve_device(a.device)
     if a.model:
-        from semiseg.training.engine import load_model
+        from semiseg.models import load_model
 
         net = load_model(a.model, "student", str(dev)).eval()
         a.base_filters = net.backbone.out_channels

@@ -78,8 +78,9 @@ def test_predict_new_scans_in_their_own_geometry(clean_run, tmp_path):
     scans = tmp_path / "scans"
     scans.mkdir()
     sitk.WriteImage(raw, str(scans / f"{case}.nii.gz"))
-    rotated = rotated_anisotropic(raw)
-    sitk.WriteImage(rotated, str(scans / "rotated.nrrd"))
+    sitk.WriteImage(rotated_anisotropic(raw), str(scans / "rotated.nii.gz"))
+    rotated = sitk.ReadImage(str(scans / "rotated.nii.gz"))  # as stored (NIfTI keeps float32 geometry)
+    assert not np.allclose(rotated.GetDirection(), raw.GetDirection(), atol=0.1)
     (scans / "broken.nii.gz").write_bytes(b"not an image")
     out = tmp_path / "out"
     res = semiseg("predict", "-m", str(wd / MODEL), "-i", str(scans), "-o", str(out), "--crop", "body", "--probabilities")
