@@ -70,7 +70,7 @@ from semiseg.inference import sliding_window_predict
 from semiseg.io.atomic import atomic_path
 from semiseg.preprocessing.community import convert_community_case
 from semiseg.pseudo import dice, estimate_prototypes, write_pseudo_label
-from semiseg.training.bcp import largest_component
+from semiseg.postprocessing import largest_component
 from semiseg.training.engine import TrainConfig, load_model, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -60,6 +60,15 @@ def test_pseudo_label_artifact(tiny_cases, stage1, artifacts, tmp_path):  # noqa
     write_pseudo_label(unl[0], stage1, again, (16, 16, 16), (8, 8, 8), device="cpu")
     with h5py.File(pseudo[0], "r") as a, h5py.File(again, "r") as b:
         assert np.array_equal(a["label"][...], b["label"][...])
+    # between_stages.pseudo_label_filter: largest_component: the argmax through the filter.
+    from semiseg.postprocessing import filter_label
+
+    filtered = tmp_path / "lcc.h5"
+    summary = write_pseudo_label(unl[0], stage1, filtered, (16, 16, 16), (8, 8, 8), device="cpu", label_filter="largest_component")
+    with h5py.File(pseudo[0], "r") as a, h5py.File(filtered, "r") as b:
+        assert np.array_equal(b["label"][...], filter_label(a["label"][...], "largest_component", 2))
+        assert np.array_equal(a["probability"][...], b["probability"][...]) and b.attrs["label_filter"] == "largest_component"
+        assert summary["filtered_voxels"] == int(np.count_nonzero(a["label"][...]) - np.count_nonzero(b["label"][...]))
     # A changed model invalidates it.
     blob = torch.load(stage1, weights_only=True)
     first = next(iter(blob["student"]))

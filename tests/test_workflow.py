@@ -226,6 +226,7 @@ TRAIN_ALL = {"train_stage1": 3, "train_fully_supervised": 1, **DOWNSTREAM_OF_AUA
         (lambda c: c["training"].update(pcl_normalise=False), {"prototypes": 1, "train_stage2": 1}),
         (lambda c: c["between_stages"].update(weights="teacher"), DOWNSTREAM_OF_AUA_BCL),
         (lambda c: c["between_stages"].update(feature_layer="projection"), {"prototypes": 1, "train_stage2": 1}),
+        (lambda c: c["between_stages"].update(pseudo_label_filter="largest_component"), DOWNSTREAM_OF_AUA_BCL),
         (lambda c: c["training"].update(stage2_init="stage1"), {"train_stage2": 2}),
         (lambda c: c["training"].update(stage2_loss="pooled"), {"train_stage2": 2}),
         # The AUA + BCL run now also writes its model at iteration 1, which pseudo labels and
@@ -240,7 +241,7 @@ TRAIN_ALL = {"train_stage1": 3, "train_fully_supervised": 1, **DOWNSTREAM_OF_AUA
          {"preprocess_case": 4, "preprocessing_summary": 1, **TRAIN_ALL}),
     ],
     ids=["crop_margin", "labelled_percent", "split_seed", "lambda_c", "bcl_temperature", "bcl_features", "consistency_max", "lr",
-         "lambda_r", "pcl_tau", "pcl_normalise", "between_weights", "feature_layer", "stage2_init", "stage2_loss", "stage1_iteration",
+         "lambda_r", "pcl_tau", "pcl_normalise", "between_weights", "feature_layer", "pseudo_label_filter", "stage2_init", "stage2_loss", "stage1_iteration",
          "runtime_only",
          "runtime_batch", "augmentation", "unused_preprocessing", "label_orientation"],
 )
@@ -533,7 +534,8 @@ def test_readme_change_one_value_example(micro_run):
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     (line,) = [ln.split("#")[0].strip() for ln in readme.splitlines() if ln.startswith("snakemake -n all --config")]
     args = shlex.split(line)[1:]
-    res = smk(micro_run, *args, TABLE, *FIGURES)
+    at = args.index("all") + 1  # the micro run's own targets next to "all" (--config takes what follows it)
+    res = smk(micro_run, *args[:at], TABLE, *FIGURES, *args[at:])
     assert res.returncode == 0, res.stderr
     assert job_counts(res.stdout + res.stderr) == {
         "train_stage1": 1, **DOWNSTREAM_OF_AUA_BCL, "predict_case": 3, "case_metrics": 3, "ablation_table": 1,

@@ -24,6 +24,7 @@ from semiseg.inference import padding_for, predict_probabilities, sliding_window
 from semiseg.io.atomic import atomic_path
 from semiseg.prototypes import PrototypeStatistics
 from semiseg.models import load_model
+from semiseg.postprocessing import filter_label
 from semiseg.precision import resolve_device
 
 if TYPE_CHECKING:  # pandas is imported where it is used: GPU machines may lack it
@@ -48,10 +49,18 @@ def write_pseudo_label(
     weights: str = "student",
     device: str = "auto",
     batch_size: int = 2,
+    label_filter: str = "none",
 ) -> dict:
-    """Predict one preprocessed case with a stage-1 model and write its pseudo-label file atomically."""
+    """Predict one preprocessed case with a stage-1 model and write its pseudo-label file atomically.
+
+    ``label_filter`` (``between_stages.pseudo_label_filter``): ``none`` keeps the argmax;
+    ``largest_component`` keeps, per foreground class, only its largest 26-connected
+    component (:func:`semiseg.postprocessing.filter_label`). The ``probability`` dataset is
+    the model's foreground probability either way.
+    """
     probs = predict_probabilities(model_path, case_path, patch_size, stride, weights, "uniform", device, batch_size)
-    label = probs.argmax(0).astype(np.uint8)
+    raw_label = probs.argmax(0).astype(np.uint8)
+    label = filter_label(raw_label, label_filter, probs.shape[0])
     fg = (1.0 - probs[0]).astype(np.float32)
     digest = file_sha256(model_path)
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
@@ -59,8 +68,10 @@ def write_pseudo_label(
         f.create_dataset("label", data=label, **kw)
         f.create_dataset("probability", data=fg, **kw)
         f.attrs.update({"case_path": str(case_path), "model_path": str(model_path), "model_sha256": digest,
-                        "weights": weights, "patch_size": list(patch_size), "stride": list(stride), "axis_order": "xyz"})
-    return {"case": Path(case_path).stem, "foreground_fraction": float((label > 0).mean())}
+                        "weights": weights, "patch_size": list(patch_size), "stride": list(stride), "axis_order": "xyz",
+                        "label_filter": label_filter})
+    removed = int(np.count_nonzero(raw_label) - np.count_nonzero(label))
+    return {"case": Path(case_path).stem, "foreground_fraction": float((label > 0).mean()), "filtered_voxels": removed}
 
 
 def pseudo_label_is_current(pseudo_path: str | Path, model_path: str | Path) -> bool:

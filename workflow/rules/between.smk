@@ -19,6 +19,7 @@ rule pseudo_label:
     params:
         features=feature_params,
         stride=lambda w: DATASETS[w.dataset]["stride"],
+        label_filter=config["between_stages"]["pseudo_label_filter"],
     script:
         "../scripts/pseudo_label.py"
 

@@ -17,5 +17,6 @@ with job(snakemake.log[0], "pseudo") as log:  # noqa: F821
         weights=snakemake.params.features["weights"],  # noqa: F821
         device=config["device"],
         batch_size=config["between_stages"]["batch_size"],
+        label_filter=snakemake.params.label_filter,  # noqa: F821
     )
     log.info("%s", summary)

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
+from semiseg.postprocessing import largest_component  # noqa: F401 (re-exported: BCP's filter)
 from semiseg.precision import full_precision_op
 
 if TYPE_CHECKING:  # the engine imports this module; no import back at run time
@@ -154,35 +154,6 @@ def bidirectional_copy_paste(
 # ------------------------------------------------------------------- pseudo labels
 
 
-def largest_component(labels: torch.Tensor | np.ndarray, num_classes: int = 2) -> torch.Tensor | np.ndarray:
-    """Keep, per crop and per foreground class, only the largest connected component.
-
-    ``labels`` (B, X, Y, Z) integer class indices (a tensor or array; returned as the same
-    kind, dtype and device). For each crop and class ``c`` in 1..``num_classes`` - 1 the
-    voxels of ``c`` are split into components with full (26-) connectivity, as the released
-    ``skimage.measure.label`` default; all but the largest (the first in scan order on a
-    tie) become background (0). A class with no voxel stays absent. Two classes: the
-    released ``LargestCC_pancreas`` of the LA script; more: its per-class ACDC form.
-    """
-    is_tensor = isinstance(labels, torch.Tensor)
-    arr = labels.detach().cpu().numpy() if is_tensor else np.asarray(labels)
-    if arr.ndim < 2:
-        raise ValueError(f"labels must be (B, ...) with spatial axes, got shape {arr.shape}")
-    out = np.zeros_like(arr)
-    structure = np.ones((3,) * (arr.ndim - 1), dtype=bool)
-    for b in range(arr.shape[0]):
-        for c in range(1, num_classes):
-            comp, count = ndimage.label(arr[b] == c, structure=structure)
-            if count == 0:
-                continue
-            sizes = np.bincount(comp.ravel())[1:]
-            out[b][comp == int(np.argmax(sizes)) + 1] = c
-    if is_tensor:
-        return torch.from_numpy(out).to(device=labels.device, dtype=labels.dtype)
-    return out
-
-
-@torch.no_grad()
 def pseudo_labels(logits: torch.Tensor) -> torch.Tensor:
     """(B, X, Y, Z) int64 pseudo labels of teacher logits (B, C, X, Y, Z), then :func:`largest_component`.
 
