@@ -96,3 +96,55 @@ def test_write_demo_dataset_msd_layout(tmp_path):
         assert np.allclose(img.GetSpacing(), geom.spacing) and np.allclose(img.GetOrigin(), geom.origin)
         assert np.array_equal(sitk.GetArrayFromImage(img).transpose(2, 1, 0), image)
     assert not list(tmp_path.rglob("*.part*")), "no temporary files left"
+
+
+def _smooth_noise_by_resampling(rng, shape, spacing, scale_mm):
+    """The slow reference: SimpleITK's B-spline resampler over the whole grid."""
+    coarse = np.maximum(2, np.ceil(np.asarray(shape) * spacing / scale_mm).astype(int) + 2)
+    field = sitk.GetImageFromArray(rng.standard_normal(tuple(coarse[::-1])).astype(np.float32))
+    field.SetSpacing([float(scale_mm)] * 3)
+    field.SetOrigin([-scale_mm] * 3)
+    ref = sitk.Image([int(s) for s in shape], sitk.sitkFloat32)
+    ref.SetSpacing([float(s) for s in spacing])
+    out = sitk.Resample(field, ref, sitk.Transform(), sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(out).transpose(2, 1, 0)
+    return (arr - arr.mean()) / (arr.std() + 1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing", "scale"),
+    [((61, 47, 19), (0.83, 0.83, 2.4), 14.0), ((40, 52, 30), (0.7, 0.7, 1.6), 4.0), ((5, 4, 3), (1.0, 1.0, 1.0), 14.0)],
+)
+def test_smooth_noise_matches_sitk_bspline_resampling(shape, spacing, scale):
+    from semiseg.data.synthetic import _smooth_noise
+
+    spacing = np.asarray(spacing)
+    fast = _smooth_noise(np.random.default_rng(11), shape, spacing, scale)
+    slow = _smooth_noise_by_resampling(np.random.default_rng(11), shape, spacing, scale)
+    assert fast.shape == slow.shape == shape and fast.dtype == np.float32
+    assert np.abs(fast - slow).max() < 1e-5
+
+
+def test_ellipsoid_box_matches_full_volume_formula():
+    from semiseg.data.synthetic import _ellipsoid
+
+    rng = np.random.default_rng(2)
+    X = (np.arange(50, dtype=np.float32) * 0.8 - 20)[:, None, None]
+    Y = (np.arange(40, dtype=np.float32) * 0.8 - 16)[None, :, None]
+    Z = (np.arange(20, dtype=np.float32) * 2.0 - 20)[None, None, :]
+    wob = rng.standard_normal((50, 40, 20)).astype(np.float32) * 2
+    for centre, axes, amount in [((0, 0, 0), (8, 6, 9), 0.2), ((18, -15, 15), (7, 5, 8), 0.3), ((0, 0, 0), (5, 5, 1e4), 0.0), ((90, 0, 0), (3, 3, 3), 0.1)]:
+        r = ((X - centre[0]) / axes[0]) ** 2 + ((Y - centre[1]) / axes[1]) ** 2 + ((Z - centre[2]) / axes[2]) ** 2
+        full = (r + amount * wob) <= 1.0
+        assert np.array_equal(_ellipsoid(X, Y, Z, centre, axes, wob, amount), full)
+
+
+def test_parallel_writer_writes_the_same_files(tmp_path):
+    write_demo_dataset(tmp_path / "one", num_cases=3, seed=5)
+    write_demo_dataset(tmp_path / "two", num_cases=3, seed=5, workers=2)
+    for sub in ("imagesTr", "labelsTr"):
+        for f in sorted((tmp_path / "one" / sub).iterdir()):
+            a = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+            b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "two" / sub / f.name)))
+            assert np.array_equal(a, b)
+    assert (tmp_path / "one" / "dataset.json").read_text() == (tmp_path / "two" / "dataset.json").read_text()

@@ -18,6 +18,7 @@ for _name in GENERATED:
             f"{RESULTS}/logs/generate/{_name}.log",
         conda:
             "../../envs/semiseg.yaml"
+        threads: 2
         params:
             generate=DATASETS[_name]["generate"],
             target=DATASETS[_name]["classes"][1],

@@ -14,5 +14,6 @@ with job(snakemake.log[0], "generate") as log:  # noqa: F821
         seed=gen["seed"],
         prefix=gen["prefix"],
         target_name=snakemake.params.target,  # noqa: F821
+        workers=snakemake.threads,  # noqa: F821
     )
     log.info("wrote %d synthetic cases to %s", len(ids), out_dir)

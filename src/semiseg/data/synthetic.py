@@ -17,11 +17,13 @@ Case ``i`` of seed ``s`` is a pure function of ``(s, i)`` and the parameters.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy.ndimage import spline_filter1d
 
 from semiseg.io.atomic import atomic_path, atomic_write_text
 from semiseg.io.readers import Geometry, from_xyz_array
@@ -69,24 +71,82 @@ def case_id(index: int, prefix: str = "demo") -> str:
     return f"{prefix}_{index:03d}"
 
 
+def _cubic_bspline(x: np.ndarray) -> np.ndarray:
+    """The centred cubic B-spline basis function."""
+    x = np.abs(x)
+    return np.where(x < 1, (4 - 6 * x**2 + 3 * x**3) / 6, np.where(x < 2, (2 - x) ** 3 / 6, 0.0))
+
+
+def _bspline_matrix(n_coarse: int, positions: np.ndarray) -> np.ndarray:
+    """(len(positions), n_coarse) matrix of cubic B-spline interpolation along one axis.
+
+    Row ``i`` maps samples on the integer grid ``0 .. n_coarse - 1`` to the interpolated value
+    at the continuous index ``positions[i]``: the interpolating prefilter (whole-sample
+    mirror boundary) followed by the four basis weights, with mirrored indices at the
+    borders. This is what SimpleITK's B-spline interpolator computes, one axis at a time.
+    """
+    prefilter = spline_filter1d(np.eye(n_coarse), order=3, axis=0, mode="mirror")
+    base = np.floor(positions).astype(int)
+    weights = np.zeros((positions.size, n_coarse))
+    rows = np.arange(positions.size)
+    for offset in (-1, 0, 1, 2):
+        k = base + offset
+        w = _cubic_bspline(positions - k)
+        k = np.abs(k)
+        k = np.where(k > n_coarse - 1, 2 * (n_coarse - 1) - k, k)
+        np.add.at(weights, (rows, k), w)
+    return weights @ prefilter
+
+
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int, int], spacing: np.ndarray, scale_mm: float) -> np.ndarray:
-    """Zero-mean, unit-SD smooth random field with correlation length ``scale_mm``."""
+    """Zero-mean, unit-SD smooth random field with correlation length ``scale_mm``.
+
+    White noise on a grid of ``scale_mm`` spacing (origin ``-scale_mm``) interpolated with
+    cubic B-splines onto the case's grid (origin 0). The interpolation is separable, so it
+    is done as three small matrix products; ``tests/test_synthetic.py`` checks it against
+    SimpleITK's resampler (agreement to float32 rounding).
+    """
     coarse = np.maximum(2, np.ceil(np.asarray(shape) * spacing / scale_mm).astype(int) + 2)
-    field = sitk.GetImageFromArray(rng.standard_normal(tuple(coarse[::-1])).astype(np.float32))
-    field.SetSpacing([float(scale_mm)] * 3)
-    field.SetOrigin([-scale_mm] * 3)
-    ref = sitk.Image([int(s) for s in shape], sitk.sitkFloat32)
-    ref.SetSpacing([float(s) for s in spacing])
-    out = sitk.Resample(field, ref, sitk.Transform(), sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
-    arr = sitk.GetArrayFromImage(out).transpose(2, 1, 0)
+    # Drawn in (z, y, x) order, as the image array of an (x, y, z) grid.
+    field = rng.standard_normal(tuple(coarse[::-1])).astype(np.float32).transpose(2, 1, 0).astype(np.float64)
+    mx, my, mz = (_bspline_matrix(int(coarse[a]), np.arange(shape[a]) * spacing[a] / scale_mm + 1.0) for a in range(3))
+    field = np.tensordot(mx, field, axes=(1, 0))  # (x, b, c)
+    field = np.tensordot(field, my, axes=(1, 1))  # (x, c, y)
+    arr = np.tensordot(field, mz, axes=(1, 1)).astype(np.float32)  # (x, y, z)
     return (arr - arr.mean()) / (arr.std() + 1e-6)
 
 
+def _box(coords: np.ndarray, lo: float, hi: float) -> slice:
+    """Index range of the sorted 1-D ``coords`` within ``[lo, hi]`` (widened by one voxel)."""
+    idx = np.flatnonzero((coords >= lo) & (coords <= hi))
+    if idx.size == 0:
+        return slice(0, 0)
+    return slice(max(int(idx[0]) - 1, 0), int(idx[-1]) + 2)
+
+
 def _ellipsoid(X, Y, Z, centre, axes, wobble=None, amount=0.0):
-    r = ((X - centre[0]) / axes[0]) ** 2 + ((Y - centre[1]) / axes[1]) ** 2 + ((Z - centre[2]) / axes[2]) ** 2
+    """Voxels with ``sum(((coord - centre) / axes) ** 2) + amount * wobble <= 1`` (mm grids).
+
+    Evaluated in the ellipsoid's bounding box only: the wobble can grow the axes by at most
+    ``sqrt(1 + amount * max(-wobble))``, so the box holds every voxel the full-volume
+    formula would select.
+    """
+    shape = (X.shape[0], Y.shape[1], Z.shape[2])
+    grow = 1.0
+    if wobble is not None and amount > 0:
+        grow = float(np.sqrt(1.0 + amount * max(0.0, -float(wobble.min()))))
+    sx, sy, sz = (
+        _box(g.ravel(), c - a * grow, c + a * grow) for g, c, a in zip((X, Y, Z), centre, axes, strict=True)
+    )
+    mask = np.zeros(shape, dtype=bool)
+    x, y, z = X[sx, :, :], Y[:, sy, :], Z[:, :, sz]
+    if x.size == 0 or y.size == 0 or z.size == 0:
+        return mask
+    r = ((x - centre[0]) / axes[0]) ** 2 + ((y - centre[1]) / axes[1]) ** 2 + ((z - centre[2]) / axes[2]) ** 2
     if wobble is not None:
-        r = r + amount * wobble
-    return r <= 1.0
+        r = r + amount * wobble[sx, sy, sz]
+    mask[sx, sy, sz] = r <= 1.0
+    return mask
 
 
 def _tube(X, Y, Z, points: np.ndarray, radii: np.ndarray, wobble: np.ndarray | None = None, amount: float = 0.0):
@@ -252,6 +312,16 @@ def generate_case(seed: int, index: int, params: SyntheticParams | None = None) 
     return image, label, geometry
 
 
+def _write_case(out: Path, seed: int, index: int, params: SyntheticParams, prefix: str) -> str:
+    """Generate case ``index`` and write its image and label (each atomically)."""
+    cid = case_id(index, prefix)
+    image, label, geom = generate_case(seed, index, params)
+    for sub, arr in (("imagesTr", image), ("labelsTr", label)):
+        with atomic_path(out / sub / f"{cid}.nii.gz") as tmp:
+            sitk.WriteImage(from_xyz_array(arr, geom), str(tmp), useCompression=True)
+    return cid
+
+
 def write_demo_dataset(
     out_dir: str | Path,
     num_cases: int,
@@ -259,22 +329,23 @@ def write_demo_dataset(
     params: SyntheticParams | None = None,
     prefix: str = "demo",
     target_name: str = "pancreas",
+    workers: int = 1,
 ) -> list[str]:
     """Write ``num_cases`` synthetic cases as a raw data set in the MSD layout.
 
     ``out_dir/imagesTr/<case>.nii.gz``, ``out_dir/labelsTr/<case>.nii.gz`` and
-    ``out_dir/dataset.json`` (written last), each file atomically. Returns the case IDs.
+    ``out_dir/dataset.json`` (written last), each file atomically. ``workers > 1`` writes
+    the cases in that many processes; every case is a pure function of ``(seed, index)``,
+    so the files are the same either way. Returns the case IDs.
     """
     out = Path(out_dir)
     params = params or SyntheticParams()
-    ids = []
-    for i in range(num_cases):
-        cid = case_id(i, prefix)
-        image, label, geom = generate_case(seed, i, params)
-        for sub, arr in (("imagesTr", image), ("labelsTr", label)):
-            with atomic_path(out / sub / f"{cid}.nii.gz") as tmp:
-                sitk.WriteImage(from_xyz_array(arr, geom), str(tmp), useCompression=True)
-        ids.append(cid)
+    if workers > 1 and num_cases > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, num_cases)) as pool:
+            futures = [pool.submit(_write_case, out, seed, i, params, prefix) for i in range(num_cases)]
+            ids = [f.result() for f in futures]
+    else:
+        ids = [_write_case(out, seed, i, params, prefix) for i in range(num_cases)]
     meta = {
         "name": prefix,
         "description": "Synthetic CT-like abdominal volumes with a pancreas-like target (semiseg demo)",
