@@ -124,6 +124,21 @@ def _box(coords: np.ndarray, lo: float, hi: float) -> slice:
     return slice(max(int(idx[0]) - 1, 0), int(idx[-1]) + 2)
 
 
+def smooth_noise_by_resampling(rng: np.random.Generator, shape: tuple[int, int, int], spacing: np.ndarray, scale_mm: float) -> np.ndarray:
+    """The slow reference of :func:`_smooth_noise`: the same field through SimpleITK's B-spline
+    resampler over the whole grid (what the generator did before; the tests and
+    ``benchmarks/bench_generator.py`` compare the two)."""
+    coarse = np.maximum(2, np.ceil(np.asarray(shape) * spacing / scale_mm).astype(int) + 2)
+    field = sitk.GetImageFromArray(rng.standard_normal(tuple(coarse[::-1])).astype(np.float32))
+    field.SetSpacing([float(scale_mm)] * 3)
+    field.SetOrigin([-scale_mm] * 3)
+    ref = sitk.Image([int(s) for s in shape], sitk.sitkFloat32)
+    ref.SetSpacing([float(s) for s in spacing])
+    out = sitk.Resample(field, ref, sitk.Transform(), sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(out).transpose(2, 1, 0)
+    return (arr - arr.mean()) / (arr.std() + 1e-6)
+
+
 def _ellipsoid(X, Y, Z, centre, axes, wobble=None, amount=0.0):
     """Voxels with ``sum(((coord - centre) / axes) ** 2) + amount * wobble <= 1`` (mm grids).
 
