@@ -229,7 +229,7 @@ def test_dry_run_of_the_la_lowres_table(la_h5_dir, tmp_path):
     out = res.stdout + res.stderr
     # Every run once per seed (real data sets: three); conversion and split once.
     assert job_counts(out) == {"preprocess_case": 84, "make_split": 1, "train_stage1": 3 * 3, "train_fully_supervised": 3,
-                               "pseudo_label": 72 * 3, "prototypes": 3, "train_stage2": 2 * 3, "predict_case": 24 * 3,
+                               "pseudo_labels": 3, "prototypes": 3, "train_stage2": 2 * 3, "predict": 6 * 3,
                                "case_metrics": 6 * 3, "ablation_table": 1}
     first = (la_h5_dir / "train.list").read_text(encoding="utf-8").split()[0]
     assert f"input: {la_h5_dir / first / 'mri_norm2.h5'}\n    output: results/preprocessed/la_lowres/{first}.h5" in out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -221,7 +222,10 @@ def test_the_same_downstream_rules_run_on_converted_and_extra_cases(layout_run):
     assert res.returncode == 0, res.stderr
     out = res.stdout + res.stderr
     counts = job_counts(out)
-    assert counts["pseudo_label"] == 3 and "preprocess_case" not in counts  # the extras get pseudo labels
+    assert counts["pseudo_labels"] == 1 and "preprocess_case" not in counts
+    pseudo = out.split("rule pseudo_labels:", 1)[1].split("rule ", 1)[0]
+    inputs = re.search(r"input: (.*)", pseudo)[1]
+    assert inputs.count("results/preprocessed/colon/") == 3  # the extras get pseudo labels
     fully = out.split("rule train_fully_supervised:", 1)[1].split("rule ", 1)[0]
     assert "colon_001.h5" in fully and "colon_004" not in fully and "colon_006" not in fully  # no label: not used
 

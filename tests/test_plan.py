@@ -102,13 +102,18 @@ def test_every_run_file_has_its_seed_and_splits_do_not():
     s = plan.split_of("demo", "5pct")
     inputs = plan.stage2_inputs("demo", "5pct", 2, "full")
     assert inputs["split"] == "results/splits/demo/5pct/split.json"
-    assert inputs["pseudo"] == [f"results/pseudo/demo_5pct/seed2/{c}.h5" for c in s.unlabelled]
+    assert inputs["pseudo"] == "results/pseudo/demo_5pct/seed2/labels"  # one <case>.h5 per unlabelled case
+    pseudo = plan.pseudo_inputs("demo", "5pct", 2)
+    assert pseudo == {"model": "results/models/demo_5pct/seed2/stage1_aua_bcl/model.pt",
+                      "cases": [f"results/preprocessed/demo/{c}.h5" for c in s.unlabelled]}
     assert inputs["prototypes"] == "results/prototypes/demo_5pct/seed2/prototypes.npz"
     assert inputs["init"] == "results/models/demo_5pct/seed2/stage1_aua_bcl/model.pt"  # the demo's stage2_init: stage1
     assert "prototypes" not in plan.stage2_inputs("demo", "5pct", 2, "aua_bcl_pl")
     assert "init" not in plan.stage2_inputs("colon", "5pct", 2, "full")  # the paper: fresh
     metrics = plan.metrics_inputs("demo", "5pct", 2, "aua")
-    assert metrics["pred"] == [f"results/predictions/demo_5pct/seed2/aua/{c}.h5" for c in s.test]
+    assert metrics == {"pred": "results/predictions/demo_5pct/seed2/aua", "cases": [f"results/preprocessed/demo/{c}.h5" for c in s.test]}
+    assert plan.predict_inputs("demo", "5pct", 2, "aua") == {"model": "results/models/demo_5pct/seed2/stage1_aua/model.pt",
+                                                               "cases": metrics["cases"]}
     assert plan.seed_metric_files("demo", "5pct", ["aua"]) == {"aua": ["results/metrics/demo_5pct/seed1337/aua.csv"]}
 
 

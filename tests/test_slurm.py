@@ -28,7 +28,7 @@ TEST_SNAKEFILE = REPO / "tests" / "slurm" / "Snakefile"
 TABLE = "results/tables/demo_5pct.csv"
 RETRIED = "results/test/retried.txt"
 TRAINING = {"train_stage1", "train_fully_supervised", "train_stage2"}
-GPU_RULES = TRAINING | {"pseudo_label", "prototypes", "predict_case"}
+GPU_RULES = TRAINING | {"pseudo_labels", "prototypes", "predict"}
 LOCAL_RULES = {"preprocessing_summary", "make_split", "pseudo_label_quality", "ablation_table"}
 TABLE_HEADER = "Method,Labeled,Unlabeled,Dice[%],Jaccard[%],ASD[voxel],95HD[voxel],Test cases,Empty predictions,Seeds,p (Wilcoxon vs full),Protocol"
 # Method, labelled and unlabelled scans of each row of the micro demo (1 labelled, 2
@@ -103,7 +103,7 @@ def test_slurm_profile_resources_dry_run(tmp_path):
         assert ("gpu" in res_) == (rule in GPU_RULES), (rule, res_)
     assert resources["train_stage1"]["gpu"] == "1"
     assert resources["train_stage1"]["mem_mb"] == "16000" and resources["train_stage1"]["runtime"] == "480"
-    assert resources["predict_case"]["mem_mb"] == "8000" and resources["predict_case"]["runtime"] == "30"
+    assert resources["predict"]["mem_mb"] == "8000" and resources["predict"]["runtime"] == "60"
     assert resources["ablation_table"]["mem_mb"] == "4000" and resources["ablation_table"]["runtime"] == "60"
 
 
@@ -186,11 +186,11 @@ def test_every_non_local_job_went_through_sbatch(slurm_run):
     assert local <= LOCAL_RULES
     assert set(subs) == remote, (sorted(remote - set(subs)), sorted(set(subs) - remote))
     rules = sorted(jobs[j][0] for j in remote)
-    # 1 + 4 + 4 trainings + 2 pseudo labels + 1 + 2 + 6 predictions + 6 metrics + 1 test rule
-    assert len(rules) == 27, rules
+    # 1 + 4 + 4 trainings + 1 pseudo-label job + 1 + 2 + 6 predictions + 6 metrics + 1 test rule
+    assert len(rules) == 26, rules
     assert set(rules) >= GPU_RULES | {"generate_demo", "preprocess_case", "case_metrics", "fail_first_attempt"}
     all_ids = [i for ids in subs.values() for i in ids]
-    assert len(set(all_ids)) == len(all_ids) == 28  # the failed attempt was a SLURM job of its own
+    assert len(set(all_ids)) == len(all_ids) == 27  # the failed attempt was a SLURM job of its own
     logs = {p.name for p in (slurm_run[0] / ".snakemake" / "slurm_logs").rglob("*.log")}
     assert {f"{i}.log" for i in all_ids} <= logs  # each job's SLURM output file
 
@@ -200,7 +200,7 @@ def test_gpu_jobs_asked_slurm_for_a_gpu(slurm_run):
     _, log = slurm_run
     jobs, subs = job_blocks(log), submissions(log)
     calls = sbatch_calls(log)
-    assert len(calls) == 28
+    assert len(calls) == 27
     by_rule: dict[str, list[dict[str, str]]] = {}
     for job, ids in subs.items():
         for slurm_id in ids:

@@ -85,8 +85,8 @@ def test_dry_run_of_demo_target(tmp_path):
     assert res.returncode == 0, res.stderr
     counts = job_counts(res.stdout + res.stderr)
     assert counts == {"generate_demo": 1, "preprocess_case": 40, "preprocessing_summary": 1, "make_split": 2, "all": 1,
-                      "train_stage1": 3, "train_fully_supervised": 1, "pseudo_label": 30, "prototypes": 1,
-                      "pseudo_label_quality": 1, "train_stage2": 2, "predict_case": 48, "case_metrics": 6,
+                      "train_stage1": 3, "train_fully_supervised": 1, "pseudo_labels": 1, "prototypes": 1,
+                      "pseudo_label_quality": 1, "train_stage2": 2, "predict": 6, "case_metrics": 6,
                       "ablation_table": 1, "figure_qualitative": 1, "figure_training_curves": 1,
                       "figure_pseudo_quality": 1}
 
@@ -205,7 +205,7 @@ def test_micro_demo_end_to_end(micro_run):
     assert smk(micro_run, "-n", "all").stdout.count("rule ") == 0  # up to date
 
 
-DOWNSTREAM_OF_AUA_BCL = {"pseudo_label": 2, "prototypes": 1, "pseudo_label_quality": 1, "train_stage2": 2}
+DOWNSTREAM_OF_AUA_BCL = {"pseudo_labels": 1, "prototypes": 1, "pseudo_label_quality": 1, "train_stage2": 2}
 TRAIN_ALL = {"train_stage1": 3, "train_fully_supervised": 1, **DOWNSTREAM_OF_AUA_BCL}
 
 
@@ -277,7 +277,7 @@ def test_stage1_iteration_picks_the_snapshot(tmp_path):
     assert counts["train_stage1_snapshot"] == 1 and counts["train_stage1"] == 1  # aua_bcl with the snapshot; aua without
     snapshot = "results/models/demo_5pct/seed1337/stage1_aua_bcl/model_iter1.pt"
     assert re.search(rf"rule train_stage1_snapshot:\n(?:    .*\n)*?    output: [^\n]*{snapshot}", out)
-    for rule in ("pseudo_label", "prototypes"):
+    for rule in ("pseudo_labels", "prototypes"):
         blocks = re.findall(rf"^rule {rule}:\n((?:    .*\n)+)", out, flags=re.M)
         assert blocks and all(snapshot in b and "stage1_aua_bcl/model.pt" not in b for b in blocks), rule
     assert "model_iter" not in re.search(r"rule train_stage1:\n((?:    .*\n)+)", out)[1]
@@ -297,17 +297,17 @@ def test_demo_ablation_dag_shares_the_artifacts(tmp_path):
     assert res.returncode == 0, res.stderr
     counts = job_counts(res.stdout + res.stderr)
     assert counts["train_stage1"] == 1 and counts["prototypes"] == 1 and counts["train_stage2"] == 2
-    assert counts["pseudo_label"] == 2  # one per unlabelled case
+    assert counts["pseudo_labels"] == 1  # one job for both unlabelled cases
     dag = smk(tmp_path, "--dag", "dot", *targets).stdout
     edges = re.findall(r"(\d+) -> (\d+)", dag)
     labels = dict(re.findall(r'(\d+)\[label = "([a-z_0-9]+)', dag))
     stage2 = [n for n, name in labels.items() if name == "train_stage2"]
     into = {n: {labels[a] for a, b in edges if b == n} for n in stage2}
     assert sorted(map(sorted, into.values())) == sorted([
-        ["make_split", "preprocess_case", "pseudo_label"],
-        ["make_split", "preprocess_case", "prototypes", "pseudo_label"],
+        ["make_split", "preprocess_case", "pseudo_labels"],
+        ["make_split", "preprocess_case", "prototypes", "pseudo_labels"],
     ])
-    pseudo_nodes = [n for n, name in labels.items() if name == "pseudo_label"]
+    pseudo_nodes = [n for n, name in labels.items() if name == "pseudo_labels"]
     for n in pseudo_nodes:  # each pseudo label feeds both stage-2 runs and the prototypes
         assert {labels[b] for a, b in edges if a == n} == {"train_stage2", "prototypes"}
         assert sum(1 for a, b in edges if a == n and labels[b] == "train_stage2") == 2
@@ -321,16 +321,25 @@ def test_micro_table(micro_run):
     assert len(table) == 1 + 6 and table[1].startswith("Supervised baseline,1,0,")
     assert table[-1].startswith("Fully supervised (upper bound),3,0,")
     assert (micro_run / "results/tables/demo_5pct.md").exists()
-    preds = sorted((micro_run / "results/predictions/demo_5pct/seed1337/full").iterdir())
+    # The model's prediction folder (one job's output): a file pair per test case, per-case logs.
+    preds = sorted(p for p in (micro_run / "results/predictions/demo_5pct/seed1337/full").iterdir() if not p.name.startswith("."))
     assert sorted(p.name.split(".", 1)[1] for p in preds) == ["h5", "nii.gz"]
+    case = preds[0].name.split(".", 1)[0]
+    log = (micro_run / f"results/logs/predict/demo_5pct/seed1337/full/{case}.log").read_text(encoding="utf-8")
+    assert f"'case': '{case}'" in log
+    assert "predicted 1 cases" in (micro_run / "results/logs/predict/demo_5pct/seed1337/full.log").read_text(encoding="utf-8")
+    pseudo = sorted(p.name for p in (micro_run / "results/pseudo/demo_5pct/seed1337/labels").iterdir() if not p.name.startswith("."))
+    unlabelled = (micro_run / "results/splits/demo/5pct/unlabelled.txt").read_text(encoding="utf-8").split()
+    assert pseudo == sorted(f"{c}.h5" for c in unlabelled)
+    assert all((micro_run / f"results/logs/pseudo/demo_5pct/seed1337/labels/{c}.log").exists() for c in unlabelled)
 
 
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
         (lambda c: c["evaluation"].update(empty_policy="nan"), {"case_metrics": 6, "ablation_table": 1}),
-        (lambda c: c["evaluation"].update(weighting="gaussian"), {"predict_case": 6, "case_metrics": 6, "ablation_table": 1}),
-        (lambda c: c["evaluation"].update(amp=True), {"predict_case": 6, "case_metrics": 6, "ablation_table": 1}),
+        (lambda c: c["evaluation"].update(weighting="gaussian"), {"predict": 6, "case_metrics": 6, "ablation_table": 1}),
+        (lambda c: c["evaluation"].update(amp=True), {"predict": 6, "case_metrics": 6, "ablation_table": 1}),
         (lambda c: c["evaluation"].update(batch_size=1), {}),
     ],
     ids=["empty_policy", "weighting", "amp", "runtime_batch"],
@@ -393,9 +402,9 @@ def test_unknown_sweep_variant_and_too_many_unlabelled_fail_clearly(micro_run):
         write_config(micro_run, micro_config())
 
 
-EVAL_OF = {"predict_case": 3, "case_metrics": 3, "ablation_table": 1}
-NEW_SWEEP_RUN = {"make_split": 1, "train_stage1": 1, "pseudo_label": 2, "prototypes": 1, "train_stage2": 1,
-                 "predict_case": 1, "case_metrics": 1}
+EVAL_OF = {"predict": 3, "case_metrics": 3, "ablation_table": 1}
+NEW_SWEEP_RUN = {"make_split": 1, "train_stage1": 1, "pseudo_labels": 1, "prototypes": 1, "train_stage2": 1,
+                 "predict": 1, "case_metrics": 1}
 
 
 @pytest.mark.parametrize(
@@ -416,7 +425,7 @@ NEW_SWEEP_RUN = {"make_split": 1, "train_stage1": 1, "pseudo_label": 2, "prototy
         (lambda c: c["evaluation"].update(empty_policy=None), [TABLE, *FIGURES, *SWEEPS],  # the paper protocol's: zero
          {"case_metrics": 6 + 2, "ablation_table": 1, "sweep_table": 2, "figure_sweep": 2}),
         (lambda c: c["evaluation"].update(protocol="clean"), [TABLE, *FIGURES],
-         {"preprocess_case": 1, "predict_case": 6, "case_metrics": 6, "ablation_table": 1, "figure_qualitative": 1}),
+         {"preprocess_case": 1, "predict": 6, "case_metrics": 6, "ablation_table": 1, "figure_qualitative": 1}),
         (lambda c: c["datasets"]["demo"]["splits"]["5pct"]["sweep"].update(lambda_c=[0.01, 0.05, 0.2]),
          [TABLE, *FIGURES, *SWEEPS], {**NEW_SWEEP_RUN, "sweep_table": 1, "figure_sweep": 1}),
     ],
@@ -453,15 +462,15 @@ def test_adding_a_method_or_a_seed_trains_only_it(micro_run):
         write_config(micro_run, cfg)
         res = smk(micro_run, "-n", COMPARISON)
         out = res.stdout + res.stderr
-        assert job_counts(out) == {"train_stage1": 1, "predict_case": 1, "case_metrics": 1, "comparison_table": 1}
+        assert job_counts(out) == {"train_stage1": 1, "predict": 1, "case_metrics": 1, "comparison_table": 1}
         assert "output: results/models/demo_5pct/seed1337/stage1_mt/model.pt" in out
         cfg["comparison"] = {"methods": OURS}
         cfg["datasets"]["demo"]["seeds"] = [1337, 1338]
         write_config(micro_run, cfg)
         res = smk(micro_run, "-n", COMPARISON)
         out = res.stdout + res.stderr
-        assert job_counts(out) == {"train_stage1": 2, "train_fully_supervised": 1, "pseudo_label": 2, "prototypes": 1,
-                                   "train_stage2": 1, "predict_case": 4, "case_metrics": 4, "comparison_table": 1}
+        assert job_counts(out) == {"train_stage1": 2, "train_fully_supervised": 1, "pseudo_labels": 1, "prototypes": 1,
+                                   "train_stage2": 1, "predict": 4, "case_metrics": 4, "comparison_table": 1}
         trained = [line for line in out.splitlines() if line.strip().startswith("output: results/models")]
         assert len(trained) == 4 and all("/seed1338/" in line for line in trained)
     finally:
@@ -505,12 +514,12 @@ def test_config_overrides_on_the_command_line_rerun_only_dependents(micro_run, t
     assert job_counts(res.stdout + res.stderr) == TRAIN_ALL
     res = smk(micro_run, "-n", TABLE, "--config", "evaluation={amp: true}")
     assert res.returncode == 0, res.stderr
-    assert job_counts(res.stdout + res.stderr) == {"predict_case": 6, "case_metrics": 6, "ablation_table": 1}
+    assert job_counts(res.stdout + res.stderr) == {"predict": 6, "case_metrics": 6, "ablation_table": 1}
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({"training": {"pcl_tau": 50}, "evaluation": {"empty_policy": "nan"}}), encoding="utf-8")
     res = smk(micro_run, "-n", *MODELS, TABLE, "--configfile", str(micro_run / "config.yaml"), str(overlay))
     assert res.returncode == 0, res.stderr
-    assert job_counts(res.stdout + res.stderr) == {"train_stage2": 1, "predict_case": 1, "case_metrics": 6, "ablation_table": 1}
+    assert job_counts(res.stdout + res.stderr) == {"train_stage2": 1, "predict": 1, "case_metrics": 6, "ablation_table": 1}
     res = smk(micro_run, "-n", TABLE, "--config", "training={lr: fast}")
     assert res.returncode != 0 and "training.lr: 'fast' is not of type 'number'" in res.stdout + res.stderr
 
@@ -538,7 +547,7 @@ def test_readme_change_one_value_example(micro_run):
     res = smk(micro_run, *args[:at], TABLE, *FIGURES, *args[at:])
     assert res.returncode == 0, res.stderr
     assert job_counts(res.stdout + res.stderr) == {
-        "train_stage1": 1, **DOWNSTREAM_OF_AUA_BCL, "predict_case": 3, "case_metrics": 3, "ablation_table": 1,
+        "train_stage1": 1, **DOWNSTREAM_OF_AUA_BCL, "predict": 3, "case_metrics": 3, "ablation_table": 1,
         "figure_qualitative": 1, "figure_training_curves": 1, "figure_pseudo_quality": 1, "all": 1}
     out = res.stdout + res.stderr
     assert "output: results/models/demo_5pct/seed1337/stage1_aua_bcl/model.pt" in out

@@ -3,6 +3,7 @@ sweeps, comparison) over one or more training seeds with paired Wilcoxon tests."
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from semiseg.inference import predict_probabilities, write_prediction_nifti
 from semiseg.io.atomic import atomic_path
 from semiseg.metrics import segmentation_metrics
 
+_log = logging.getLogger("semiseg.predict")
+
 #: Table rows (paper, Table V, plus the fully supervised upper bound of Table II): key -> label.
 ABLATION_ROWS = {
     "supervised": "Supervised baseline",
@@ -23,6 +26,24 @@ ABLATION_ROWS = {
     "full": "AUA + BCL + Pseudo labeling + PCL (Full)",
     "fully_supervised": "Fully supervised (upper bound)",
 }
+
+
+def load_prediction_network(model_path: str | Path, weights: str = "student", device: str = "auto"):
+    """The network of a model file on the resolved ``device``, ready for :func:`predict_case`.
+
+    ``weights`` (``student`` / ``teacher``) applies to mean-teacher models; a model without
+    a teacher gives its student weights for ``teacher``.
+    """
+    from semiseg.models import load_model
+    from semiseg.precision import resolve_device
+
+    dev = str(resolve_device(device))
+    try:
+        return load_model(model_path, weights, dev)
+    except ValueError:  # no teacher in this model: its student
+        if weights != "teacher":
+            raise
+        return load_model(model_path, "student", dev)
 
 
 def predict_case(
@@ -37,33 +58,69 @@ def predict_case(
     device: str = "auto",
     batch_size: int = 2,
     amp: bool = False,
+    network=None,
 ) -> dict:
     """Predict one preprocessed case; write the label in the preprocessed grid (HDF5) and,
-    with ``out_nifti``, as NIfTI in the raw scan's geometry.
+    with ``out_nifti``, as NIfTI in the raw scan's geometry (each file atomically).
 
     ``weights`` (``student`` / ``teacher``) applies to mean-teacher models; the other
     models have student weights only, which are then used. ``amp``: see
-    :func:`semiseg.inference.sliding_window_predict`.
+    :func:`semiseg.inference.sliding_window_predict`. ``network``: the model file's network
+    already loaded (:func:`load_prediction_network`), as :func:`predict_cases` passes it.
     """
-    try:
-        probs = predict_probabilities(model_path, case_path, patch_size, stride, weights, weighting, device, batch_size, amp)
-    except ValueError:  # no teacher in this model: its student
-        if weights != "teacher":
-            raise
-        probs = predict_probabilities(model_path, case_path, patch_size, stride, "student", weighting, device, batch_size, amp)
+    net = network if network is not None else load_prediction_network(model_path, weights, device)
+    probs = predict_probabilities(net, case_path, patch_size, stride, weights, weighting, device, batch_size, amp)
     label = probs.argmax(0).astype(np.uint8)
-    with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("label", data=label, chunks=tuple(min(32, n) for n in label.shape), compression="gzip", compression_opts=1)
-        f.attrs.update({"model_path": str(model_path), "case_path": str(case_path), "weights": weights, "weighting": weighting, "amp": bool(amp)})
     if out_nifti is not None:
         from semiseg.io.h5 import read_attrs
 
         case_attrs = read_attrs(case_path)
-        if "raw_size" in case_attrs:
-            write_prediction_nifti(label, case_attrs, out_nifti)
-        else:
+        if "raw_size" not in case_attrs:
             raise ValueError(f"{case_path}: no raw-geometry attributes, cannot write the prediction in the raw geometry")
+    with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("label", data=label, chunks=tuple(min(32, n) for n in label.shape), compression="gzip", compression_opts=1)
+        f.attrs.update({"model_path": str(model_path), "case_path": str(case_path), "weights": weights, "weighting": weighting, "amp": bool(amp)})
+    if out_nifti is not None:
+        write_prediction_nifti(label, case_attrs, out_nifti)
     return {"case": Path(case_path).stem, "foreground_fraction": float((label > 0).mean())}
+
+
+def predict_cases(
+    model_path: str | Path,
+    case_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    patch_size: Sequence[int],
+    stride: Sequence[int],
+    weights: str = "student",
+    weighting: str = "uniform",
+    device: str = "auto",
+    batch_size: int = 2,
+    amp: bool = False,
+    nifti: bool = True,
+    log_dir: str | Path | None = None,
+) -> list[dict]:
+    """Predict every case of ``case_paths`` with one model, loaded once (the rule ``predict``).
+
+    Writes ``out_dir/<case>.h5`` (and ``<case>.nii.gz`` with ``nifti``) per case, as
+    :func:`predict_case`, and with ``log_dir`` one log per case (``log_dir/<case>.log``).
+    Returns the per-case summaries. A case that fails stops the job with its error, which
+    names the case and is also in that case's log.
+    """
+    from semiseg.jobs import case_log, case_files_in
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    net = load_prediction_network(model_path, weights, device)
+    summaries = []
+    for case_path, h5_path, nii_path in zip(
+        case_paths, case_files_in(out, case_paths), case_files_in(out, case_paths, ".nii.gz"), strict=True
+    ):
+        with case_log(log_dir, Path(case_path).stem):
+            summary = predict_case(model_path, case_path, h5_path, nii_path if nifti else None, patch_size, stride,
+                                   weights, weighting, device, batch_size, amp, network=net)
+            _log.info("%s", summary)
+        summaries.append(summary)
+    return summaries
 
 
 def case_metrics(

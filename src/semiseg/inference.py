@@ -173,7 +173,7 @@ def sliding_window_predict(
 
 
 def predict_probabilities(
-    model_path: str | Path,
+    model_path: str | Path | torch.nn.Module,
     case_path: str | Path,
     patch_size: Sequence[int],
     stride: Sequence[int],
@@ -184,11 +184,18 @@ def predict_probabilities(
     amp: bool = False,
 ) -> np.ndarray:
     """Class probabilities (C, X, Y, Z) float32 of one preprocessed HDF5 case under a trained
-    model file (:func:`sliding_window_predict`)."""
+    model file (:func:`sliding_window_predict`).
+
+    ``model_path`` may also be a network already loaded (on ``device``), as a job that
+    predicts many cases passes it; ``weights`` is then not used.
+    """
     import h5py
 
     dev = resolve_device(device)
-    model = load_model(model_path, weights, str(dev))
+    if isinstance(model_path, torch.nn.Module):
+        model = model_path
+    else:
+        model = load_model(model_path, weights, str(dev))
     with h5py.File(case_path, "r") as f:
         image = f["image"][...]
     return sliding_window_predict(model, image, patch_size, stride, batch_size=batch_size, weighting=weighting, device=dev, amp=amp)

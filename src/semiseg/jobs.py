@@ -17,12 +17,15 @@ import contextlib
 import logging
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from semiseg.errors import CaseError, ConfigError
 
 log = logging.getLogger("semiseg")
+
+#: The line format of every job log and per-case log.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 #: The config key that picks the stage-1 model used between the stages.
 STAGE1_ITERATION_KEY = "between_stages.stage1_iteration"
@@ -63,6 +66,47 @@ def between_stages_model(stage1_dir: str, stage1_iteration: int | None, iteratio
     return f"{stage1_dir.rstrip('/')}/{name}"
 
 
+def case_files_in(folder: str | Path, case_paths: Sequence[str | Path], ext: str = ".h5") -> list[Path]:
+    """The per-case files of a folder output, in the order of ``case_paths``:
+    ``folder / (<case file's stem> + ext)``.
+
+    A rule whose one job writes the files of many cases (``predict``, ``pseudo_labels``)
+    declares the folder as its output; the rules that read it name the files this way.
+    """
+    return [Path(folder) / f"{Path(c).stem}{ext}" for c in case_paths]
+
+
+@contextlib.contextmanager
+def case_log(log_dir: str | Path | None, case: str) -> Iterator[None]:
+    """Copy what is logged while one case is processed to ``log_dir/<case>.log`` as well.
+
+    A job that processes many cases keeps one log per case this way (beside its own log).
+    An exception that leaves the block is written to the case's log, then re-raised.
+    ``log_dir=None`` does nothing.
+    """
+    if log_dir is None:
+        yield
+        return
+    path = Path(log_dir) / f"{case}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level = log.level
+    if log.getEffectiveLevel() > logging.INFO:  # outside a job: the case log still gets INFO lines
+        log.setLevel(logging.INFO)
+    try:
+        yield
+    except BaseException as exc:
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (exc,), None))
+        raise
+    finally:
+        log.setLevel(level)
+        root.removeHandler(handler)
+        handler.close()
+
+
 @contextlib.contextmanager
 def job(log_path: str | Path | None, name: str) -> Iterator[logging.Logger]:
     """Log to ``log_path`` (and stderr); turn known input errors into one line and exit 1."""
@@ -70,7 +114,7 @@ def job(log_path: str | Path | None, name: str) -> Iterator[logging.Logger]:
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_path, mode="w", encoding="utf-8"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=handlers, force=True)
     logger = logging.getLogger(f"semiseg.{name}")
     try:
         yield logger

@@ -9,9 +9,11 @@ Paths are relative to the working directory, under ``results`` (the constructor'
 
 - models: ``{results}/models/{dataset}_{split}/seed{seed}/stage1_{method}/model.pt`` (and
   ``stage2_{method}``); the upper bound ``{results}/models/{dataset}/seed{seed}/fully_supervised/model.pt``;
-- pseudo labels and prototypes: ``{results}/pseudo/{dataset}_{split}/seed{seed}/{case}.h5``,
+- pseudo labels and prototypes: ``{results}/pseudo/{dataset}_{split}/seed{seed}/labels/{case}.h5``
+  (the folder is one job's output), 
   ``{results}/prototypes/{dataset}_{split}/seed{seed}/prototypes.npz``;
-- predictions and metrics: ``{results}/predictions/{dataset}_{split}/seed{seed}/{model}/{case}.h5``,
+- predictions and metrics: ``{results}/predictions/{dataset}_{split}/seed{seed}/{model}/{case}.h5``
+  and ``.nii.gz`` (the folder is one job's output),
   ``{results}/metrics/{dataset}_{split}/seed{seed}/{model}.csv``.
 
 Preprocessed cases and splits do not depend on the seed (the labelled cases stay the
@@ -350,15 +352,23 @@ class Plan:
             self.training_settings(dataset)["iterations"], dataset,
         )
 
-    def pseudo_files(self, dataset: str, split: str, seed: int) -> list[str]:
-        return [f"{self.results}/pseudo/{dataset}_{split}/seed{seed}/{c}.h5" for c in self.split_of(dataset, split).unlabelled]
+    def pseudo_dir(self, dataset: str, split: str, seed: int) -> str:
+        """The folder of one split's and seed's pseudo labels: one ``<case>.h5`` per unlabelled
+        case, all written by one job (``pseudo_labels``)."""
+        return f"{self.results}/pseudo/{dataset}_{split}/seed{seed}/labels"
+
+    def pseudo_inputs(self, dataset: str, split: str, seed: int) -> dict[str, Any]:
+        return {
+            "model": self.between_stages_model_file(dataset, split, seed),
+            "cases": self.case_files(dataset, self.split_of(dataset, split).unlabelled),
+        }
 
     def pseudo_quality_file(self, dataset: str, split: str, seed: int) -> str:
         return f"{self.results}/pseudo/{dataset}_{split}/seed{seed}/quality.csv"
 
     def pseudo_quality_inputs(self, dataset: str, split: str, seed: int) -> dict[str, Any]:
         return {
-            "pseudo": self.pseudo_files(dataset, split, seed),
+            "pseudo": self.pseudo_dir(dataset, split, seed),
             "cases": self.case_files(dataset, self.split_of(dataset, split).unlabelled),
         }
 
@@ -371,11 +381,11 @@ class Plan:
             "model": self.between_stages_model_file(dataset, split, seed),
             "labelled": self.case_files(dataset, s.labelled),
             "unlabelled": self.case_files(dataset, s.unlabelled),
-            "pseudo": self.pseudo_files(dataset, split, seed),
+            "pseudo": self.pseudo_dir(dataset, split, seed),
         }
 
     def stage2_inputs(self, dataset: str, split: str, seed: int, method: str) -> dict[str, Any]:
-        inputs = {**self.stage1_inputs(dataset, split), "pseudo": self.pseudo_files(dataset, split, seed)}
+        inputs = {**self.stage1_inputs(dataset, split), "pseudo": self.pseudo_dir(dataset, split, seed)}
         if method == "full":
             inputs["prototypes"] = self.prototype_file(dataset, split, seed)
         if self.training_settings(dataset)["stage2_init"] == "stage1":
@@ -388,21 +398,23 @@ class Plan:
 
     # ---- evaluation -------------------------------------------------------------
 
-    def prediction_file(self, dataset: str, split: str, seed: int, model: str, case: str, ext: str = "h5") -> str:
-        return f"{self.results}/predictions/{dataset}_{split}/seed{seed}/{model}/{case}.{ext}"
+    def prediction_dir(self, dataset: str, split: str, seed: int, model: str) -> str:
+        """The folder of one model's test-set predictions (``<case>.h5`` and ``<case>.nii.gz``
+        per test case), all written by one job (``predict``)."""
+        return f"{self.results}/predictions/{dataset}_{split}/seed{seed}/{model}"
 
-    def predict_inputs(self, dataset: str, split: str, seed: int, model: str, case: str) -> dict[str, str]:
-        return {"model": self.model_file(dataset, split, seed, model), "case": f"{self.results}/preprocessed/{dataset}/{case}.h5"}
+    def prediction_file(self, dataset: str, split: str, seed: int, model: str, case: str, ext: str = "h5") -> str:
+        return f"{self.prediction_dir(dataset, split, seed, model)}/{case}.{ext}"
+
+    def predict_inputs(self, dataset: str, split: str, seed: int, model: str) -> dict[str, Any]:
+        return {"model": self.model_file(dataset, split, seed, model), "cases": self.case_files(dataset, self.split_of(dataset, split).test)}
 
     def metrics_file(self, dataset: str, split: str, seed: int, model: str) -> str:
         return f"{self.results}/metrics/{dataset}_{split}/seed{seed}/{model}.csv"
 
     def metrics_inputs(self, dataset: str, split: str, seed: int, model: str) -> dict[str, list[str]]:
         test = self.split_of(dataset, split).test
-        return {
-            "pred": [self.prediction_file(dataset, split, seed, model, c) for c in test],
-            "cases": self.case_files(dataset, test),
-        }
+        return {"pred": self.prediction_dir(dataset, split, seed, model), "cases": self.case_files(dataset, test)}
 
     def seed_metric_files(self, dataset: str, split: str, models: Sequence[str]) -> dict[str, list[str]]:
         """model -> its per-case metric files, one per seed (in :meth:`seeds` order)."""
@@ -498,7 +510,7 @@ class Plan:
         case, seed = self.qualitative_case(dataset, split), self.figure_seed(dataset)
         return {
             "case": f"{self.results}/preprocessed/{dataset}/{case}.h5",
-            "pred": [self.prediction_file(dataset, split, seed, m, case) for m in ABLATION],
+            "pred": [self.prediction_dir(dataset, split, seed, m) for m in ABLATION],
         }
 
     def curves_inputs(self, dataset: str, split: str) -> list[str]:

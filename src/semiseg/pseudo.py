@@ -10,6 +10,7 @@ their pseudo labels) into :class:`semiseg.prototypes.PrototypeStatistics`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ from semiseg.prototypes import PrototypeStatistics
 from semiseg.models import load_model
 from semiseg.postprocessing import filter_label
 from semiseg.precision import resolve_device
+
+_log = logging.getLogger("semiseg.pseudo")
 
 if TYPE_CHECKING:  # pandas is imported where it is used: GPU machines may lack it
     import pandas as pd
@@ -50,19 +53,24 @@ def write_pseudo_label(
     device: str = "auto",
     batch_size: int = 2,
     label_filter: str = "none",
+    network: torch.nn.Module | None = None,
+    model_sha256: str | None = None,
 ) -> dict:
     """Predict one preprocessed case with a stage-1 model and write its pseudo-label file atomically.
 
     ``label_filter`` (``between_stages.pseudo_label_filter``): ``none`` keeps the argmax;
     ``largest_component`` keeps, per foreground class, only its largest 26-connected
     component (:func:`semiseg.postprocessing.filter_label`). The ``probability`` dataset is
-    the model's foreground probability either way.
+    the model's foreground probability either way. ``network`` and ``model_sha256``: the
+    model file's network (on ``device``) and digest, when the caller has them already
+    (:func:`write_pseudo_labels`).
     """
-    probs = predict_probabilities(model_path, case_path, patch_size, stride, weights, "uniform", device, batch_size)
+    model = network if network is not None else model_path
+    probs = predict_probabilities(model, case_path, patch_size, stride, weights, "uniform", device, batch_size)
     raw_label = probs.argmax(0).astype(np.uint8)
     label = filter_label(raw_label, label_filter, probs.shape[0])
     fg = (1.0 - probs[0]).astype(np.float32)
-    digest = file_sha256(model_path)
+    digest = model_sha256 or file_sha256(model_path)
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
         kw = {"chunks": tuple(min(32, n) for n in label.shape), "compression": "gzip", "compression_opts": 1}
         f.create_dataset("label", data=label, **kw)
@@ -72,6 +80,39 @@ def write_pseudo_label(
                         "label_filter": label_filter})
     removed = int(np.count_nonzero(raw_label) - np.count_nonzero(label))
     return {"case": Path(case_path).stem, "foreground_fraction": float((label > 0).mean()), "filtered_voxels": removed}
+
+
+def write_pseudo_labels(
+    case_paths: Sequence[str | Path],
+    model_path: str | Path,
+    out_dir: str | Path,
+    patch_size: Sequence[int],
+    stride: Sequence[int],
+    weights: str = "student",
+    device: str = "auto",
+    batch_size: int = 2,
+    label_filter: str = "none",
+    log_dir: str | Path | None = None,
+) -> list[dict]:
+    """The pseudo labels of every case of ``case_paths`` with one stage-1 model, loaded once
+    (the rule ``pseudo_labels``): ``out_dir/<case>.h5`` per case (:func:`write_pseudo_label`),
+    and with ``log_dir`` one log per case. Returns the per-case summaries.
+    """
+    from semiseg.jobs import case_files_in, case_log
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    network = load_model(model_path, weights, str(dev))
+    digest = file_sha256(model_path)
+    summaries = []
+    for case_path, out_path in zip(case_paths, case_files_in(out, case_paths), strict=True):
+        with case_log(log_dir, Path(case_path).stem):
+            summary = write_pseudo_label(case_path, model_path, out_path, patch_size, stride, weights, str(dev), batch_size,
+                                         label_filter, network=network, model_sha256=digest)
+            _log.info("%s", summary)
+        summaries.append(summary)
+    return summaries
 
 
 def pseudo_label_is_current(pseudo_path: str | Path, model_path: str | Path) -> bool:

@@ -1,19 +1,22 @@
-# Between the stages: pseudo labels (one job per unlabelled case), their quality where
+# Between the stages: pseudo labels (one job per split and seed: the stage-1 model loaded
+# once for every unlabelled case, one file and one log per case), their quality where
 # ground truth exists, and the prototype statistics; each computed once and shared by
 # both stage-2 variants.
 
 
-rule pseudo_label:
+rule pseudo_labels:
     input:
-        model=between_stages_model_file,
-        case=f"{RESULTS}/preprocessed/{{dataset}}/{{case}}.h5",
+        unpack(pseudo_inputs),
     output:
-        f"{RESULTS}/pseudo/{{dataset}}_{{split}}/seed{{seed}}/{{case}}.h5",
+        directory(f"{RESULTS}/pseudo/{{dataset}}_{{split}}/seed{{seed}}/labels"),
     log:
-        f"{RESULTS}/logs/pseudo/{{dataset}}_{{split}}/seed{{seed}}/{{case}}.log",
+        job=f"{RESULTS}/logs/pseudo/{{dataset}}_{{split}}/seed{{seed}}.log",
+        cases=directory(
+            f"{RESULTS}/logs/pseudo/{{dataset}}_{{split}}/seed{{seed}}/labels"
+        ),
     conda:
         "../../envs/semiseg.yaml"
-    threads: 1
+    threads: 2
     resources:
         gpu=1,
     params:
@@ -21,7 +24,7 @@ rule pseudo_label:
         stride=lambda w: DATASETS[w.dataset]["stride"],
         label_filter=config["between_stages"]["pseudo_label_filter"],
     script:
-        "../scripts/pseudo_label.py"
+        "../scripts/pseudo_labels.py"
 
 
 rule pseudo_label_quality:

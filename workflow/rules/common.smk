@@ -141,8 +141,8 @@ def stage1_snapshot_iteration(w):
 # ---- between the stages and stage 2 ------------------------------------------------
 
 
-def between_stages_model_file(w):
-    return glue(PLAN.between_stages_model_file)(w.dataset, w.split, int(w.seed))
+def pseudo_inputs(w):
+    return glue(PLAN.pseudo_inputs)(w.dataset, w.split, int(w.seed))
 
 
 def pseudo_quality_inputs(w):
@@ -165,7 +165,7 @@ def feature_params(w):
 
 
 def predict_inputs(w):
-    return glue(PLAN.predict_inputs)(w.dataset, w.split, int(w.seed), w.model, w.case)
+    return glue(PLAN.predict_inputs)(w.dataset, w.split, int(w.seed), w.model)
 
 
 def metrics_inputs(w):

@@ -1,18 +1,21 @@
-# Evaluation: sliding-window predictions of the test cases (one job per model, seed and
-# case), per-case metrics per model and seed, and the tables over the seeds: the ablation
+# Evaluation: sliding-window predictions of the test cases (one job per model and seed: the
+# model loaded once for every test case, one file pair and one log per case), per-case
+# metrics per model and seed, and the tables over the seeds: the ablation
 # table (paper, Table V), the sweep tables (Tables VII and VIII: the full method over
 # lambda_c or the number of unlabelled cases) and the comparison with the baselines (Tables
 # II-IV). Each table has a per-seed CSV next to it.
 
 
-rule predict_case:
+rule predict:
     input:
         unpack(predict_inputs),
     output:
-        h5=f"{RESULTS}/predictions/{{dataset}}_{{split}}/seed{{seed}}/{{model}}/{{case}}.h5",
-        nifti=f"{RESULTS}/predictions/{{dataset}}_{{split}}/seed{{seed}}/{{model}}/{{case}}.nii.gz",
+        directory(f"{RESULTS}/predictions/{{dataset}}_{{split}}/seed{{seed}}/{{model}}"),
     log:
-        f"{RESULTS}/logs/predict/{{dataset}}_{{split}}/seed{{seed}}/{{model}}/{{case}}.log",
+        job=f"{RESULTS}/logs/predict/{{dataset}}_{{split}}/seed{{seed}}/{{model}}.log",
+        cases=directory(
+            f"{RESULTS}/logs/predict/{{dataset}}_{{split}}/seed{{seed}}/{{model}}"
+        ),
     conda:
         "../../envs/semiseg.yaml"
     threads: 1
@@ -25,7 +28,7 @@ rule predict_case:
         weighting=config["evaluation"]["weighting"],
         amp=config["evaluation"]["amp"],
     script:
-        "../scripts/predict_case.py"
+        "../scripts/predict.py"
 
 
 rule case_metrics:

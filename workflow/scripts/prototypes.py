@@ -2,7 +2,7 @@
 
 import torch
 
-from semiseg.jobs import job
+from semiseg.jobs import case_files_in, job
 from semiseg.pseudo import estimate_prototypes, file_sha256
 
 with job(snakemake.log[0], "prototypes") as log:  # noqa: F821
@@ -11,7 +11,7 @@ with job(snakemake.log[0], "prototypes") as log:  # noqa: F821
         snakemake.input.model,  # noqa: F821
         snakemake.input.labelled,  # noqa: F821
         snakemake.input.unlabelled,  # noqa: F821
-        snakemake.input.pseudo,  # noqa: F821
+        case_files_in(snakemake.input.pseudo, list(snakemake.input.unlabelled)),  # noqa: F821
         patch_size=snakemake.params.features["patch_size"],  # noqa: F821
         weights=snakemake.params.features["weights"],  # noqa: F821
         normalise=snakemake.params.normalise,  # noqa: F821

@@ -1,15 +1,16 @@
-"""Rule pseudo_label: one unlabelled case through the stage-1 model -> pseudo-label file."""
+"""Rule pseudo_labels: every unlabelled case of one split through the stage-1 model (loaded
+once) -> one pseudo-label file per case in the output folder, one log per case."""
 
 import torch
 
 from semiseg.jobs import job
-from semiseg.pseudo import write_pseudo_label
+from semiseg.pseudo import write_pseudo_labels
 
-with job(snakemake.log[0], "pseudo") as log:  # noqa: F821
+with job(snakemake.log.job, "pseudo") as log:  # noqa: F821
     torch.set_num_threads(snakemake.threads)  # noqa: F821
     config = snakemake.config  # noqa: F821
-    summary = write_pseudo_label(
-        snakemake.input.case,  # noqa: F821
+    summaries = write_pseudo_labels(
+        list(snakemake.input.cases),  # noqa: F821
         snakemake.input.model,  # noqa: F821
         snakemake.output[0],  # noqa: F821
         patch_size=snakemake.params.features["patch_size"],  # noqa: F821
@@ -18,5 +19,6 @@ with job(snakemake.log[0], "pseudo") as log:  # noqa: F821
         device=config["device"],
         batch_size=config["between_stages"]["batch_size"],
         label_filter=snakemake.params.label_filter,  # noqa: F821
+        log_dir=snakemake.log.cases,  # noqa: F821
     )
-    log.info("%s", summary)
+    log.info("wrote %d pseudo labels", len(summaries))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from semiseg.jobs import job
+from semiseg.jobs import case_files_in, job
 from semiseg.models import deployment_record
 from semiseg.training.engine import TrainConfig, train
 
@@ -33,7 +33,8 @@ with job(snakemake.log[0], "train") as log:  # noqa: F821
         device=config["device"],
         checkpoint_every=runtime["checkpoint_every"],
         num_workers=runtime["num_workers"],
-        pseudo=list(inputs.pseudo) if "pseudo" in inputs.keys() else None,
+        # The pseudo-label folder holds one file per unlabelled case.
+        pseudo=case_files_in(inputs.pseudo, list(inputs.unlabelled)) if "pseudo" in inputs.keys() else None,
         prototypes=inputs.prototypes if "prototypes" in inputs.keys() else None,
         init_from=inputs.init if "init" in inputs.keys() else None,
         snapshots={snakemake.params.snapshot: outputs.snapshot} if "snapshot" in outputs.keys() else None,  # noqa: F821
