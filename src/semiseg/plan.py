@@ -64,7 +64,7 @@ PROTOCOLS = {
 # Hyperparameters each method uses (its training rule's params hold exactly these).
 TRAIN_COMMON = (
     "iterations", "lr", "lr_step", "lr_gamma", "momentum", "weight_decay", "labelled_batch",
-    "base_filters", "dropout", "amp", "augmentation",
+    "base_filters", "dropout", "amp", "cpu_amp", "augmentation",
 )
 MEAN_TEACHER = (
     "unlabelled_batch", "ema_decay", "teacher_noise_sd", "teacher_noise_clip", "consistency_max",

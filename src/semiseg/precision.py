@@ -47,6 +47,40 @@ def default_amp_dtype(device_type: str) -> torch.dtype:
     return torch.float16 if device_type == "cuda" else torch.bfloat16
 
 
+#: ``training.cpu_amp`` values: ``auto`` (bfloat16 where the CPU has bfloat16 units),
+#: ``bfloat16`` (always on the CPU), ``off`` (float32).
+CPU_AMP_CHOICES = ("auto", "bfloat16", "off")
+
+
+def cpu_bf16_units() -> list[str]:
+    """The CPU's bfloat16 instruction sets that PyTorch's kernels use: ``amx_bf16`` and / or
+    ``avx512_bf16`` (empty without them, or where PyTorch does not report them)."""
+    try:
+        caps = torch._C._cpu._get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return []
+    return [name for name in ("amx_bf16", "avx512_bf16") if caps.get(name)]
+
+
+def training_autocast_dtype(device: torch.device | str, amp: bool = True, cpu_amp: str = "off") -> torch.dtype | None:
+    """The autocast dtype of training on ``device``, or None for float32.
+
+    CUDA: float16 when ``amp`` (``training.amp``). CPU: ``cpu_amp`` (``training.cpu_amp``)
+    ``bfloat16`` always, ``auto`` only where :func:`cpu_bf16_units` finds AMX-BF16 or
+    AVX-512-BF16 (elsewhere bfloat16 is emulated and slower than float32), ``off`` never.
+    Other device types: float32. Losses and statistics stay float32 either way
+    (:func:`full_precision`).
+    """
+    if cpu_amp not in CPU_AMP_CHOICES:
+        raise ValueError(f"cpu_amp must be one of {', '.join(CPU_AMP_CHOICES)}, got {cpu_amp!r}")
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.float16 if amp else None
+    if kind == "cpu" and (cpu_amp == "bfloat16" or (cpu_amp == "auto" and cpu_bf16_units())):
+        return torch.bfloat16
+    return None
+
+
 def autocast(device: torch.device | str, enabled: bool = True, dtype: torch.dtype | None = None) -> torch.autocast:
     """``torch.autocast`` for ``device``'s type with ``dtype`` (default :func:`default_amp_dtype`)."""
     device_type = torch.device(device).type

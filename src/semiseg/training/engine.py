@@ -67,7 +67,7 @@ from semiseg.losses import (
 )
 from semiseg.models import MODEL_FORMAT, load_model, read_torch_file  # noqa: F401 (re-exported)
 from semiseg.networks import SegmentationNet
-from semiseg.precision import autocast, resolve_device  # noqa: F401 (resolve_device re-exported)
+from semiseg.precision import CPU_AMP_CHOICES, autocast, cpu_bf16_units, resolve_device, training_autocast_dtype  # noqa: F401
 from semiseg.prototypes import PrototypeStatistics
 from semiseg.training.baselines import BASELINE_METHODS, BASELINE_STEPS
 from semiseg.training.bcp import BCPStep, validate_bcp_settings
@@ -123,7 +123,8 @@ class TrainConfig:
     bcp_mask_ratio: float = 2 / 3  # the cuboid's side / the patch's side (released --mask_ratio)
     bcp_u_weight: float = 0.5  # weight of the pseudo-labelled voxels in the mixed loss (released --u_weight)
     seed: int = 1337
-    amp: bool = True
+    amp: bool = True  # CUDA: float16 autocast
+    cpu_amp: str = "off"  # CPU: auto | bfloat16 | off (semiseg.precision.training_autocast_dtype)
     augmentation: Augmentation = field(default_factory=Augmentation)
 
     def __post_init__(self) -> None:
@@ -131,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.method == "aua" and self.lambda_c:
             raise ValueError("method 'aua' has lambda_c = 0; use 'aua_bcl' for BCL")
+        if self.cpu_amp not in CPU_AMP_CHOICES:
+            raise ValueError(f"cpu_amp must be one of {', '.join(CPU_AMP_CHOICES)}, got {self.cpu_amp!r}")
         if self.stage2_init not in ("fresh", "stage1"):
             raise ValueError(f"stage2_init must be 'fresh' or 'stage1', got {self.stage2_init!r}")
         if self.bcl_features not in BCL_FEATURES:
@@ -409,7 +412,11 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    use_amp = cfg.amp and dev.type == "cuda"
+    amp_dtype = training_autocast_dtype(dev, cfg.amp, cfg.cpu_amp)
+    use_amp = amp_dtype is not None
+    if dev.type == "cpu":
+        log.info("training precision on the CPU: %s (cpu_amp %s; bfloat16 units: %s)",
+                 "bfloat16 autocast" if use_amp else "float32", cfg.cpu_amp, ", ".join(cpu_bf16_units()) or "none")
     if cfg.method == "fully_supervised":
         labelled, unlabelled = list(labelled) + list(unlabelled), []
         lb, ub = cfg.labelled_batch + cfg.unlabelled_batch, 0
@@ -450,7 +457,7 @@ def train(
             p.requires_grad_(False)
     opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     history: list[dict[str, float]] = []
     start = 0
 
@@ -507,7 +514,7 @@ def train(
         batch = next(it)
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         t1 = time.perf_counter()
-        with autocast(dev, enabled=use_amp):  # float16 on CUDA; losses and statistics stay float32
+        with autocast(dev, enabled=use_amp, dtype=amp_dtype):  # losses and statistics stay float32
             loss, terms = step_fn(batch, t)
         optimizer_step(loss, opt, scaler)
         lr = opt.param_groups[0]["lr"]
