@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-pair", action="store_true", help="skip the two-trainings-at-once measurement")
+    ap.add_argument("--no-bf16", action="store_true",
+                    help="skip bfloat16 (on a CPU without bfloat16 units it is emulated, about 20x slower)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args()
     cases = sorted(glob.glob(args.cases))
@@ -134,6 +136,8 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     for method in args.methods:
         variants = {"float32, 2 threads": ("off", 2), "bfloat16, 2 threads": ("bfloat16", 2), "float32, 1 thread": ("off", 1)}
+        if args.no_bf16:
+            del variants["bfloat16, 2 threads"]
         times: dict[str, list[float]] = {name: [] for name in variants}
         pair: list[float] = []
         for _ in range(args.rounds):

@@ -216,3 +216,10 @@ def test_default_targets_cover_every_seed_of_the_demo():
         assert f"results/pseudo/demo_5pct/seed{seed}/quality.csv" in targets
     assert "results/tables/demo_5pct.csv" in targets
     assert not any(t.startswith("results/models/pancreas") for t in targets)
+
+
+def test_training_threads_are_a_runtime_setting_per_data_set():
+    plan = make_plan()
+    assert plan.train_threads("demo") == 1  # the demo: two 1-thread trainings side by side on 2 cores
+    assert plan.train_threads("colon") == 4
+    assert "threads" not in plan.train_params("demo", "aua_bcl", "5pct", 1)  # not a param: changing it reruns nothing

@@ -232,7 +232,7 @@ TRAIN_ALL = {"train_stage1": 3, "train_fully_supervised": 1, **DOWNSTREAM_OF_AUA
         # The AUA + BCL run now also writes its model at iteration 1, which pseudo labels and
         # prototypes come from; the other stage-1 runs are left alone.
         (lambda c: c["between_stages"].update(stage1_iteration=1), {"train_stage1_snapshot": 1, **DOWNSTREAM_OF_AUA_BCL}),
-        (lambda c: c["datasets"]["demo"]["training"].update(checkpoint_every=7, num_workers=1), {}),
+        (lambda c: c["datasets"]["demo"]["training"].update(checkpoint_every=7, num_workers=1, threads=2), {}),
         (lambda c: c["between_stages"].update(batch_size=1), {}),
         (lambda c: c["datasets"]["demo"]["training"].update(augmentation={"rotate": True, "flip": True}), TRAIN_ALL),
         # Settings this data set does not use (header-mode labels, no extra unlabelled images): nothing reruns.

@@ -289,6 +289,10 @@ class Plan:
         """The top-level training block with the data set's overrides."""
         return {**self.config["training"], **self.dataset(dataset).get("training", {})}
 
+    def train_threads(self, dataset: str) -> int:
+        """CPU threads of one training job of ``dataset`` (``training.threads``, a runtime setting)."""
+        return int(self.training_settings(dataset)["threads"])
+
     def train_params(self, dataset: str, method: str, split: str | None, seed: int) -> dict[str, Any]:
         """Exactly the hyperparameters one training run uses (``TrainConfig.from_dict``'s input)."""
         if method not in METHOD_KEYS:

@@ -126,6 +126,10 @@ def train_params(w, method=None):
     return glue(PLAN.train_params)(w.dataset, method, w.get("split"), int(w.seed))
 
 
+def train_threads(w):
+    return glue(PLAN.train_threads)(w.dataset)
+
+
 def stage1_inputs(w):
     return glue(PLAN.stage1_inputs)(w.dataset, w.split)
 

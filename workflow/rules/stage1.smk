@@ -14,7 +14,7 @@ rule train_stage1:
         method=TRAIN_STAGE1_METHODS,
     conda:
         "../../envs/semiseg.yaml"
-    threads: 4
+    threads: train_threads
     resources:
         gpu=1,
     params:
@@ -40,7 +40,7 @@ if STAGE1_SNAPSHOT is not None:
             method="aua_bcl",
         conda:
             "../../envs/semiseg.yaml"
-        threads: 4
+        threads: train_threads
         resources:
             gpu=1,
         params:
@@ -60,7 +60,7 @@ rule train_fully_supervised:
         f"{RESULTS}/logs/train/{{dataset}}/seed{{seed}}/fully_supervised.log",
     conda:
         "../../envs/semiseg.yaml"
-    threads: 4
+    threads: train_threads
     resources:
         gpu=1,
     params:

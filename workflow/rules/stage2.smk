@@ -12,7 +12,7 @@ rule train_stage2:
         f"{RESULTS}/logs/train/{{dataset}}_{{split}}/seed{{seed}}/stage2_{{method2}}.log",
     conda:
         "../../envs/semiseg.yaml"
-    threads: 4
+    threads: train_threads
     resources:
         gpu=1,
     params:
