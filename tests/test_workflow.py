@@ -68,7 +68,7 @@ def micro_config(**demo_overrides) -> dict:
     demo["preprocessing"]["target_spacing"] = [2.0, 2.0, 2.0]
     demo["patch_size"] = [32, 32, 16]
     demo["training"] = {"iterations": 2, "base_filters": 2, "samples": 2, "rank": 2, "bcl_max_samples": 64,
-                        "projection_channels": 4, "checkpoint_every": 1, "num_workers": 0}
+                        "projection_channels": 4, "checkpoint_every": 1, "num_workers": 0, "threads": 1}
     demo.update(demo_overrides)
     return {"device": "auto", "evaluation": cfg["evaluation"], "figures": cfg["figures"], "between_stages": cfg["between_stages"],
             "training": cfg["training"], "datasets": {"demo": demo}}
