@@ -31,9 +31,11 @@ def _env_without_scontrol() -> dict[str, str]:
     shims = Path(tempfile.gettempdir()) / "semiseg-test-no-scontrol"
     shims.mkdir(exist_ok=True)
     shim = shims / "scontrol"
-    if not shim.exists():
-        shim.write_text("#!/bin/sh\nexit 1\n", encoding="utf-8")
-        shim.chmod(0o755)
+    if not shim.exists():  # written whole, then renamed: test processes run side by side
+        tmp = shims / f"scontrol.{os.getpid()}"
+        tmp.write_text("#!/bin/sh\nexit 1\n", encoding="utf-8")
+        tmp.chmod(0o755)
+        os.replace(tmp, shim)
     return {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
