@@ -223,3 +223,24 @@ def test_training_threads_are_a_runtime_setting_per_data_set():
     assert plan.train_threads("demo") == 1  # the demo: two 1-thread trainings side by side on 2 cores
     assert plan.train_threads("colon") == 4
     assert "threads" not in plan.train_params("demo", "aua_bcl", "5pct", 1)  # not a param: changing it reruns nothing
+
+
+def test_the_workflow_parses_without_the_heavy_libraries():
+    """What common.smk imports while Snakemake parses (the plan, the config check, the case
+    lists of a generated data set) loads neither PyTorch nor NumPy, SciPy, SimpleITK or h5py:
+    every Snakemake start, dry runs included, would pay for them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from semiseg.plan import Plan\n"
+        "from semiseg.config import validate_config\n"
+        "from semiseg.datasets import generated_cases\n"
+        "from semiseg.jobs import job\n"
+        "assert generated_cases({'generate': {'num_cases': 2}}) == ['demo_000', 'demo_001']\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'scipy', 'SimpleITK', 'h5py') if m in sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"

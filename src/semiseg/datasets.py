@@ -52,7 +52,7 @@ def raw_case_paths(
 
 def generated_cases(ds: Mapping[str, Any]) -> list[str]:
     """Case IDs of a generated (synthetic) data set, known before it is written."""
-    from semiseg.data.synthetic import case_id
+    from semiseg.data import case_id
 
     gen = ds["generate"]
     return [case_id(i, gen.get("prefix", "demo")) for i in range(int(gen["num_cases"]))]

@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import spline_filter1d
 
+from semiseg.data import case_id
 from semiseg.io.atomic import atomic_path, atomic_write_text
 from semiseg.io.readers import Geometry, from_xyz_array
 
@@ -64,11 +65,6 @@ class SyntheticParams:
     target_fat_plane_mm: tuple[float, float] = (1.5, 3.0)
     noise_sd: tuple[float, float] = (8.0, 18.0)
     blur_sd_mm: float = 0.6
-
-
-def case_id(index: int, prefix: str = "demo") -> str:
-    """Case identifier of case ``index``: ``demo_000``, ``demo_001``, ..."""
-    return f"{prefix}_{index:03d}"
 
 
 def _cubic_bspline(x: np.ndarray) -> np.ndarray:
