@@ -225,6 +225,28 @@ def test_training_threads_are_a_runtime_setting_per_data_set():
     assert "threads" not in plan.train_params("demo", "aua_bcl", "5pct", 1)  # not a param: changing it reruns nothing
 
 
+def test_the_path_to_stage_2_is_scheduled_first():
+    plan = make_plan()
+    assert plan.train_priority("aua_bcl") == 1  # its model feeds the pseudo labels and prototypes
+    assert plan.train_priority("full") == plan.train_priority("aua_bcl_pl") == 1
+    assert {plan.train_priority(m) for m in ("supervised", "aua", "mt", "uamt", "bcp", "fully_supervised")} == {0}
+    with pytest.raises(ConfigError, match="unknown training method 'nope'"):
+        plan.train_priority("nope")
+
+
+def test_the_metric_table_and_figure_modules_load_without_torch():
+    """The per-case metric, table and figure jobs import semiseg.evaluation and
+    semiseg.figures; PyTorch (about 2 s of CPU time per process) stays out of them."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport semiseg.evaluation, semiseg.figures, semiseg.jobs, semiseg.metrics\n"
+            "print(sorted(m for m in ('torch', 'SimpleITK') if m in sys.modules))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
 def test_the_workflow_parses_without_the_heavy_libraries():
     """What common.smk imports while Snakemake parses (the plan, the config check, the case
     lists of a generated data set) loads neither PyTorch nor NumPy, SciPy, SimpleITK or h5py:

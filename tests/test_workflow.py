@@ -91,6 +91,13 @@ def test_dry_run_of_demo_target(tmp_path):
                       "pseudo_label_quality": 1, "train_stage2": 2, "predict": 6, "case_metrics": 6,
                       "ablation_table": 1, "figure_qualitative": 1, "figure_training_curves": 1,
                       "figure_pseudo_quality": 1}
+    # The path to stage 2 starts first (Plan.train_priority): the AUA + BCL run, the jobs
+    # between the stages and the stage-2 runs; everything else has the default priority.
+    out = res.stdout + res.stderr
+    first = {(rule, m.group(1) if (m := re.search(r"method2?=(\w+)", block)) else None)
+             for rule, block in re.findall(r"^rule (\w+):\n((?:    .*\n)+)", out, flags=re.M) if "    priority: 1" in block}
+    assert first == {("train_stage1", "aua_bcl"), ("pseudo_labels", None), ("prototypes", None),
+                     ("train_stage2", "aua_bcl_pl"), ("train_stage2", "full")}
 
 
 def test_lint_clean():

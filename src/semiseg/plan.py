@@ -293,6 +293,20 @@ class Plan:
         """CPU threads of one training job of ``dataset`` (``training.threads``, a runtime setting)."""
         return int(self.training_settings(dataset)["threads"])
 
+    def train_priority(self, method: str) -> int:
+        """Snakemake scheduling priority of ``method``'s training jobs.
+
+        1 for the runs on the path to stage 2 (the AUA + BCL stage-1 run, whose model the
+        pseudo labels and prototypes come from, and the stage-2 runs; the between-stage
+        rules have priority 1 too), 0 for every other run. Ready jobs of priority 1 start
+        first, so the ablation's longest chain (stage 1 -> between the stages -> stage 2)
+        does not wait behind runs that nothing depends on, which fill the other cores.
+        Priorities only order jobs: they change neither what runs nor its results.
+        """
+        if method not in METHOD_KEYS:
+            raise ConfigError(f"unknown training method {method!r}; choose one of {', '.join(METHOD_KEYS)}")
+        return 1 if method == "aua_bcl" or method in STAGE2_METHODS else 0
+
     def train_params(self, dataset: str, method: str, split: str | None, seed: int) -> dict[str, Any]:
         """Exactly the hyperparameters one training run uses (``TrainConfig.from_dict``'s input)."""
         if method not in METHOD_KEYS:

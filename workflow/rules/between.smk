@@ -14,9 +14,10 @@ rule pseudo_labels:
         cases=directory(
             f"{RESULTS}/logs/pseudo/{{dataset}}_{{split}}/seed{{seed}}/labels"
         ),
+    priority: 1  # on the path to stage 2 (Plan.train_priority)
     conda:
         "../../envs/semiseg.yaml"
-    threads: 2
+    threads: train_threads
     resources:
         gpu=1,
     params:
@@ -47,9 +48,10 @@ rule prototypes:
         f"{RESULTS}/prototypes/{{dataset}}_{{split}}/seed{{seed}}/prototypes.npz",
     log:
         f"{RESULTS}/logs/prototypes/{{dataset}}_{{split}}/seed{{seed}}.log",
+    priority: 1  # on the path to stage 2 (Plan.train_priority)
     conda:
         "../../envs/semiseg.yaml"
-    threads: 2
+    threads: train_threads
     resources:
         gpu=1,
     params:

@@ -130,6 +130,10 @@ def train_threads(w):
     return glue(PLAN.train_threads)(w.dataset)
 
 
+def train_priority(w):
+    return glue(PLAN.train_priority)(w.get("method") or w.get("method2"))
+
+
 def stage1_inputs(w):
     return glue(PLAN.stage1_inputs)(w.dataset, w.split)
 

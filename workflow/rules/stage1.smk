@@ -12,6 +12,7 @@ rule train_stage1:
         f"{RESULTS}/logs/train/{{dataset}}_{{split}}/seed{{seed}}/stage1_{{method}}.log",
     wildcard_constraints:
         method=TRAIN_STAGE1_METHODS,
+    priority: train_priority
     conda:
         "../../envs/semiseg.yaml"
     threads: train_threads
@@ -38,6 +39,7 @@ if STAGE1_SNAPSHOT is not None:
             f"{RESULTS}/logs/train/{{dataset}}_{{split}}/seed{{seed}}/stage1_{{method}}.log",
         wildcard_constraints:
             method="aua_bcl",
+        priority: 1  # the AUA + BCL run: on the path to stage 2 (Plan.train_priority)
         conda:
             "../../envs/semiseg.yaml"
         threads: train_threads

@@ -10,6 +10,7 @@ rule train_stage2:
         losses=f"{RESULTS}/models/{{dataset}}_{{split}}/seed{{seed}}/stage2_{{method2}}/losses.csv",
     log:
         f"{RESULTS}/logs/train/{{dataset}}_{{split}}/seed{{seed}}/stage2_{{method2}}.log",
+    priority: train_priority
     conda:
         "../../envs/semiseg.yaml"
     threads: train_threads
