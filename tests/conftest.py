@@ -11,6 +11,13 @@ import SimpleITK as sitk
 
 from semiseg.io.readers import Geometry, from_xyz_array
 
+# Under pytest-xdist (pyproject.toml: one worker per CPU), each worker and what it starts
+# (PyTorch in the tests, Snakemake jobs that do not set their own threads) shares the CPUs
+# with the other workers: a fair share of threads each, not every CPU each, which
+# oversubscribes the cores (OpenMP threads spinning against each other).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 REPO = Path(__file__).resolve().parents[1]
 LA_H5 = Path(os.environ.get("SEMISEG_LA_H5", REPO.parent / "shared" / "data" / "la2018_h5"))
 
@@ -59,3 +66,57 @@ def micro_run(tmp_path_factory) -> Path:
     from tests.test_workflow import build_micro_run
 
     return build_micro_run(tmp_path_factory.mktemp("micro"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """pytest-xdist groups (``--dist loadgroup``): tests that share a fixture built once per
+    session or module run in one worker, so that it is still built once.
+
+    - every test that uses the micro demo run (``micro_run``, directly or through another
+      fixture): group ``micro``;
+    - every test that uses a module-scoped fixture of its own module (the SLURM run, the
+      layout run, the device check's smoke run, small trained models): that module's group;
+    - every other test is sent to whichever worker is free.
+    """
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        if "micro_run" in info.names_closure:
+            group = "micro"
+        else:
+            module = item.nodeid.split("::")[0]
+            shared = [d for defs in info.name2fixturedefs.values() for d in defs
+                      if d.scope in ("module", "session") and d.baseid == module]
+            group = module if shared else None
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+
+class _GroupsTookEffect:
+    """In an xdist worker: stop the run when the groups did not reach xdist's scheduler.
+
+    xdist passes a test's group by appending ``@<group>`` to its node ID while the worker
+    collects; where that has no effect (pytest 9.2, pytest-xdist issue 1386), grouped tests
+    would silently run side by side in two workers (two SLURM clusters started and
+    stopped under each other, two tests editing the micro run's config.yaml at once).
+    """
+
+    @pytest.hookimpl(trylast=True)  # after xdist's own hook
+    def pytest_collection_modifyitems(self, config, items):
+        if not getattr(config.option, "loadgroup", False):
+            return
+        lost = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+        if lost:
+            raise pytest.UsageError(
+                f"pytest-xdist's --dist loadgroup did not group {len(lost)} tests (e.g. {lost[0]}): this pytest and "
+                "pytest-xdist do not work together (pytest-xdist issue 1386); install the test extra's versions "
+                "(pip install -e '.[test]') or run with -p no:xdist"
+            )
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        config.pluginmanager.register(_GroupsTookEffect(), "semiseg-xdist-groups")

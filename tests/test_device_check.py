@@ -53,7 +53,8 @@ def run_blocked(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
         cwd=REPO,
         env=env,
         capture_output=True,
-        text=True,
+        encoding="utf-8",  # the summary has non-ASCII characters; a worker's locale may be ASCII
+        errors="replace",
         timeout=timeout,
         check=False,
     )

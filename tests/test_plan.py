@@ -242,7 +242,7 @@ def test_the_metric_table_and_figure_modules_load_without_torch():
 
     code = ("import sys\nimport semiseg.evaluation, semiseg.figures, semiseg.jobs, semiseg.metrics\n"
             "print(sorted(m for m in ('torch', 'SimpleITK') if m in sys.modules))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
 
@@ -263,6 +263,6 @@ def test_the_workflow_parses_without_the_heavy_libraries():
         "assert generated_cases({'generate': {'num_cases': 2}}) == ['demo_000', 'demo_001']\n"
         "print(sorted(m for m in ('torch', 'numpy', 'scipy', 'SimpleITK', 'h5py') if m in sys.modules))\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"

@@ -40,10 +40,19 @@ def _env_without_scontrol() -> dict[str, str]:
 
 
 def smk(workdir: Path, *args: str, timeout: int = 600, slurm: bool = False) -> subprocess.CompletedProcess:
-    """Run this checkout's workflow in ``workdir``; ``slurm=True`` keeps the real scontrol."""
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
-    return subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, cwd=workdir,
-                          env=None if slurm else _env_without_scontrol())
+    """Run this checkout's workflow in ``workdir``; ``slurm=True`` keeps the real scontrol.
+
+    Runs without SLURM are forks of a process that has imported Snakemake once
+    (``tests.smk_zygote``), which saves about 1.3 s of CPU a run; SLURM runs start
+    ``python -m snakemake`` as a process of their own.
+    """
+    argv = ["--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    if slurm:
+        return subprocess.run([sys.executable, "-m", "snakemake", *argv], capture_output=True, encoding="utf-8",
+                              errors="replace", timeout=timeout, cwd=workdir)
+    from tests.smk_zygote import run_snakemake
+
+    return run_snakemake(argv, workdir, _env_without_scontrol(), timeout)
 
 
 def job_counts(output: str) -> dict[str, int]:
