@@ -113,7 +113,7 @@ class _GroupsTookEffect:
             raise pytest.UsageError(
                 f"pytest-xdist's --dist loadgroup did not group {len(lost)} tests (e.g. {lost[0]}): this pytest and "
                 "pytest-xdist do not work together (pytest-xdist issue 1386); install the test extra's versions "
-                "(pip install -e '.[test]') or run with -p no:xdist"
+                "(pip install -e '.[test]') or run in one process (-n 0)"
             )
 
 
