@@ -5,18 +5,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-import SimpleITK as sitk
-
-from semiseg.io.readers import Geometry, from_xyz_array
-
 # Under pytest-xdist (pyproject.toml: one worker per CPU), each worker and what it starts
 # (PyTorch in the tests, Snakemake jobs that do not set their own threads) shares the CPUs
 # with the other workers: a fair share of threads each, not every CPU each, which
 # oversubscribes the cores (OpenMP threads spinning against each other).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from semiseg.io.readers import Geometry, from_xyz_array
 
 REPO = Path(__file__).resolve().parents[1]
 LA_H5 = Path(os.environ.get("SEMISEG_LA_H5", REPO.parent / "shared" / "data" / "la2018_h5"))
@@ -92,7 +92,6 @@ def pytest_collection_modifyitems(config, items):
             group = module if shared else None
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
-
 
 
 class _GroupsTookEffect:

@@ -109,6 +109,27 @@ def test_dry_run_of_demo_target(tmp_path):
                      ("train_stage2", "aua_bcl_pl"), ("train_stage2", "full")}
 
 
+def test_forked_runs_answer_as_a_snakemake_process_does(tmp_path):
+    """The tests' Snakemake runs are forks of a process that imported Snakemake once
+    (tests/smk_zygote.py): same exit code, same job plan and same error text as
+    ``python -m snakemake`` in a process of its own."""
+    def own_process(*args):
+        cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), *args]
+        return subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=300, cwd=tmp_path,
+                              env=_env_without_scontrol())
+
+    write_config(tmp_path, micro_config())
+    targets = ["results/models/demo_5pct/seed1337/stage2_full/model.pt"]
+    forked, own = smk(tmp_path, "-n", *targets), own_process("-n", *targets)
+    assert forked.returncode == own.returncode == 0, forked.stderr + own.stderr
+    assert job_counts(forked.stdout + forked.stderr) == job_counts(own.stdout + own.stderr) != {}
+    bad = ["-n", *targets, "--config", "training={lr: fast}"]
+    forked, own = smk(tmp_path, *bad), own_process(*bad)
+    assert forked.returncode == own.returncode == 1
+    for res in (forked, own):
+        assert "training.lr: 'fast' is not of type 'number'" in res.stdout + res.stderr
+
+
 def test_lint_clean():
     res = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], capture_output=True, encoding="utf-8", errors="replace", cwd=REPO, timeout=300,
                          env=_env_without_scontrol())
