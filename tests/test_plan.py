@@ -202,6 +202,12 @@ def test_figures_show_the_first_seed_and_check_the_case():
     plan = make_plan(cfg)
     assert plan.figure_seed("demo") == 9
     assert all("/seed9/" in p for p in plan.curves_inputs("demo", "5pct"))
+    cfg["comparison"]["methods"] = ["full", "mt", "fully_supervised"]
+    assert make_plan(cfg).comparison_curves_inputs("demo", "5pct") == [
+        "results/models/demo_5pct/seed9/stage1_mt/losses.csv",
+        "results/models/demo_5pct/seed9/stage2_full/losses.csv",
+        "results/models/demo/seed9/fully_supervised/losses.csv",
+    ]
     cfg["figures"]["qualitative"]["case"] = {"demo": "nope"}
     with pytest.raises(ConfigError, match="is not a test case of split '5pct'"):
         make_plan(cfg).qualitative_case("demo", "5pct")

@@ -527,8 +527,13 @@ def test_micro_comparison_two_seeds(micro_run):
     cfg["comparison"] = {"methods": ["full", "bcp", "supervised", "uamt", "mt"]}  # any order: the table's is fixed
     write_config(micro_run, cfg)
     try:
-        res = smk(micro_run, "--cores", "2", COMPARISON, "results/figures/demo_5pct/comparison.png")
+        res = smk(micro_run, "--cores", "2", COMPARISON, "results/figures/demo_5pct/comparison.png",
+                  "results/figures/demo_5pct/comparison_curves.png")
         assert res.returncode == 0, res.stderr[-3000:]
+        curves_log = (micro_run / "results/logs/figures/demo_5pct_comparison_curves.log").read_text(encoding="utf-8")
+        drawn = curves_log.split("loss terms drawn: ")[1].splitlines()[0].split(", ")
+        assert {"ce_dice", "consistency", "loss_u", "pcl"} <= set(drawn), drawn  # MT / UA-MT, BCP, stage 2
+        assert not {"consistency_weight", "uncertainty_threshold", "bcp_phase"} & set(drawn)
         table = pd.read_csv(micro_run / COMPARISON)
         assert list(table["Method"]) == ["Supervised baseline", "MT", "UA-MT", "BCP", "Ours (full)"]
         assert set(table["Seeds"]) == {2} and set(table["Unlabeled"]) == {0, 2}

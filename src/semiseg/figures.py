@@ -30,7 +30,8 @@ DEFAULT_COLOURS = {"tp": "red", "fn": "green", "fp": "blue"}
 
 #: Columns of a losses.csv that are not loss terms (schedules, weights, counts, timings).
 NOT_LOSS_TERMS = frozenset({"iteration", "lr", "lambda_g", "lambda_c", "lambda_r", "anchors", "anchors_labelled",
-                            "anchors_pseudo", "data_wait_s", "step_s", "bcp_phase", "pseudo_foreground"})
+                            "anchors_pseudo", "data_wait_s", "step_s", "bcp_phase", "pseudo_foreground",
+                            "consistency_weight", "uncertainty_threshold"})
 
 
 def _save(fig: plt.Figure, path: str | Path, dpi: int) -> None:

@@ -535,6 +535,12 @@ class Plan:
         seed = self.figure_seed(dataset)
         return [f"{self.run_dir(dataset, split, seed, m)}/losses.csv" for m in ABLATION]
 
+    def comparison_curves_inputs(self, dataset: str, split: str) -> list[str]:
+        """The ``losses.csv`` of every comparison method's run with the figure seed, in the
+        comparison table's row order."""
+        seed = self.figure_seed(dataset)
+        return [f"{self.run_dir(dataset, split, seed, m)}/losses.csv" for m in self.comparison_methods()]
+
     def figure_targets(self, dataset: str, split: str) -> list[str]:
         prefix = f"{self.results}/figures/{dataset}_{split}"
         return [f"{prefix}/{name}.png" for name in ("qualitative", "training_curves", "pseudo_quality")]

@@ -225,5 +225,9 @@ def curves_inputs(w):
     return glue(PLAN.curves_inputs)(w.dataset, w.split)
 
 
+def comparison_curves_inputs(w):
+    return glue(PLAN.comparison_curves_inputs)(w.dataset, w.split)
+
+
 def pseudo_quality_figure_input(w):
     return PLAN.pseudo_quality_file(w.dataset, w.split, PLAN.figure_seed(w.dataset))

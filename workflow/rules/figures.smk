@@ -51,6 +51,30 @@ rule figure_training_curves:
         "../scripts/figure_training_curves.py"
 
 
+rule figure_comparison_curves:
+    input:
+        comparison_curves_inputs,
+    output:
+        report(
+            f"{RESULTS}/figures/{{dataset}}_{{split}}/comparison_curves.png",
+            caption="../report/comparison_curves.rst",
+            category="Figures",
+            subcategory="{dataset} {split}",
+        ),
+    log:
+        f"{RESULTS}/logs/figures/{{dataset}}_{{split}}_comparison_curves.log",
+    conda:
+        "../../envs/semiseg.yaml"
+    params:
+        models=lambda w: comparison_methods(),
+        rows="comparison",
+        smoothing=figure_options("training_curves")["smoothing"],
+        size=figure_options("training_curves")["size"],
+        dpi=figure_options("training_curves")["dpi"],
+    script:
+        "../scripts/figure_training_curves.py"
+
+
 rule figure_pseudo_quality:
     input:
         pseudo_quality_figure_input,
