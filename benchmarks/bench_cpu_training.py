@@ -9,9 +9,10 @@ batch), for:
    which is what ``cpu_amp: auto`` avoids;
 2. threads: one training on 1 thread, one on 2 threads, and two 1-thread trainings at once
    (the throughput of two side-by-side jobs, as Snakemake runs them with ``--cores 2`` when
-   each asks for one thread);
+   each asks for one thread: the demo's setting), each in both precisions;
 3. memory format: the bare V-Net's forward + backward with the input and weights in
-   channels-last 3-D against the default layout (the engine trains in the default layout).
+   channels-last 3-D against the default layout (the engine trains in the default layout),
+   in both precisions.
 
 Variants run alternately (``--rounds``) and the median over rounds of each run's median
 step time (first ``--skip`` iterations left out) is printed, with ratios against float32 on
@@ -82,9 +83,10 @@ def run_pair(args: tuple) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def bare_step(net, x, y, opt) -> float:
+def bare_step(net, x, y, opt, bf16: bool) -> float:
     t0 = time.perf_counter()
-    out = net(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = net(x)
     loss = torch.nn.functional.cross_entropy(out.logits.float(), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -92,27 +94,27 @@ def bare_step(net, x, y, opt) -> float:
     return time.perf_counter() - t0
 
 
-def channels_last(repeats: int) -> dict[str, float]:
-    """The bare V-Net's forward + backward on 4 crops, default layout and channels-last 3-D."""
+def channels_last(repeats: int, bf16: bool) -> dict[str, float]:
+    """The bare V-Net's forward + backward on 4 crops, 2 threads: default layout and
+    channels-last 3-D, in float32 and (``bf16``) under bfloat16 autocast; median seconds."""
     torch.set_num_threads(2)
     cfg = TrainConfig(method="supervised", **DEMO)
     x = torch.randn(4, 1, *cfg.patch_size)
     y = torch.randint(0, 2, (4, *cfg.patch_size))
-    result = {}
     nets = {}
     for fmt in ("default", "channels_last_3d"):
         torch.manual_seed(0)
         net = build_model(cfg)
         if fmt == "channels_last_3d":
             net = net.to(memory_format=torch.channels_last_3d)
-        nets[fmt] = (net, torch.optim.SGD(net.parameters(), lr=0.01), x if fmt == "default" else x.contiguous(memory_format=torch.channels_last_3d))
-    times = {fmt: [] for fmt in nets}
+        xin = x if fmt == "default" else x.contiguous(memory_format=torch.channels_last_3d)
+        for prec in ("float32", "bfloat16") if bf16 else ("float32",):
+            nets[f"{fmt}, {prec}"] = (net, torch.optim.SGD(net.parameters(), lr=0.01), xin, prec == "bfloat16")
+    times = {name: [] for name in nets}
     for _ in range(repeats + 1):
-        for fmt, (net, opt, xin) in nets.items():
-            times[fmt].append(bare_step(net, xin, y, opt))
-    for fmt, ts in times.items():
-        result[fmt] = statistics.median(ts[1:])
-    return result
+        for name, (net, opt, xin, use_bf16) in nets.items():
+            times[name].append(bare_step(net, xin, y, opt, use_bf16))
+    return {name: statistics.median(ts[1:]) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -135,31 +137,39 @@ def main() -> None:
           f"{', '.join(cpu_bf16_units()) or 'none'}; torch {torch.__version__}")
     results: dict[str, dict[str, float]] = {}
     for method in args.methods:
-        variants = {"float32, 2 threads": ("off", 2), "bfloat16, 2 threads": ("bfloat16", 2), "float32, 1 thread": ("off", 1)}
+        variants = {"float32, 2 threads": ("off", 2), "bfloat16, 2 threads": ("bfloat16", 2),
+                    "float32, 1 thread": ("off", 1), "bfloat16, 1 thread": ("bfloat16", 1)}
+        precisions = {"float32": "off", "bfloat16": "bfloat16"}
         if args.no_bf16:
-            del variants["bfloat16, 2 threads"]
+            variants = {name: v for name, v in variants.items() if v[0] == "off"}
+            del precisions["bfloat16"]
         times: dict[str, list[float]] = {name: [] for name in variants}
-        pair: list[float] = []
+        pairs: dict[str, list[float]] = {name: [] for name in precisions}
         for _ in range(args.rounds):
             for name, (amp, threads) in variants.items():
                 times[name].append(run(method, amp, threads, args.iterations, args.skip, cases))
             if not args.no_pair:
-                pair += run_pair((method, "off", 1, args.iterations, args.skip, cases))
+                # The demo's setting: two 1-thread jobs side by side, in each precision.
+                for name, amp in precisions.items():
+                    pairs[name] += run_pair((method, amp, 1, args.iterations, args.skip, cases))
         med = {name: statistics.median(ts) for name, ts in times.items()}
-        if pair:
-            med["float32, two 1-thread runs at once (each)"] = statistics.median(pair)
+        for name, ts in pairs.items():
+            if ts:
+                med[f"{name}, two 1-thread runs at once (each)"] = statistics.median(ts)
         results[method] = med
         ref = med["float32, 2 threads"]
         print(f"\n{method}: seconds per iteration (median), ratio to float32 on 2 threads")
         for name, s in med.items():
             print(f"  {name:44s} {s:7.3f} s  {s / ref:5.2f}x")
-        if pair:
+        if not args.no_pair:
             # Throughput of two side-by-side 1-thread jobs against one 2-thread job after another.
             print(f"  -> two 1-thread jobs side by side finish {2 * ref / med['float32, two 1-thread runs at once (each)']:.2f}x "
                   f"as many iterations per second as 2-thread jobs one after another")
-    cl = channels_last(repeats=5)
-    print(f"\nbare V-Net forward + backward, 4 crops, 2 threads: default {cl['default']:.3f} s, "
-          f"channels-last 3-D {cl['channels_last_3d']:.3f} s ({cl['channels_last_3d'] / cl['default']:.2f}x)")
+    cl = channels_last(repeats=5, bf16=not args.no_bf16)
+    ref = cl["default, float32"]
+    print("\nbare V-Net forward + backward, 4 crops, 2 threads (ratio to the default layout in float32):")
+    for name, s in cl.items():
+        print(f"  {name:44s} {s:7.3f} s  {s / ref:5.2f}x")
     results["bare_vnet_layout"] = cl
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "bf16_units": cpu_bf16_units(), **results}, indent=2))
