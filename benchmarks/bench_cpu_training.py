@@ -103,12 +103,12 @@ def channels_last(repeats: int, bf16: bool) -> dict[str, float]:
     y = torch.randint(0, 2, (4, *cfg.patch_size))
     nets = {}
     for fmt in ("default", "channels_last_3d"):
-        torch.manual_seed(0)
-        net = build_model(cfg)
-        if fmt == "channels_last_3d":
-            net = net.to(memory_format=torch.channels_last_3d)
         xin = x if fmt == "default" else x.contiguous(memory_format=torch.channels_last_3d)
         for prec in ("float32", "bfloat16") if bf16 else ("float32",):
+            torch.manual_seed(0)  # one network and optimiser per variant, same initial weights
+            net = build_model(cfg)
+            if fmt == "channels_last_3d":
+                net = net.to(memory_format=torch.channels_last_3d)
             nets[f"{fmt}, {prec}"] = (net, torch.optim.SGD(net.parameters(), lr=0.01), xin, prec == "bfloat16")
     times = {name: [] for name in nets}
     for _ in range(repeats + 1):
