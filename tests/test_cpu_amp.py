@@ -13,6 +13,7 @@ from semiseg import precision
 from semiseg.precision import cpu_bf16_units, training_autocast_dtype
 from semiseg.training import engine
 from semiseg.training.engine import TrainConfig, train
+from tests.test_stage2 import artifacts, stage1  # noqa: F401  (fixtures)
 from tests.test_training import TINY, tiny_cases  # noqa: F401  (fixture)
 
 
@@ -93,3 +94,99 @@ def test_off_trains_in_float32(tiny_cases, tmp_path, caplog):  # noqa: F811
     with caplog.at_level(logging.INFO, logger="semiseg.training"):
         train(cfg, lab, [], tmp_path, device="cpu", progress=False)
     assert "training precision on the CPU: float32 (cpu_amp off" in caplog.text
+
+
+class _NaNBackward(torch.autograd.Function):
+    """Identity forward, NaN gradient: what a faulty bfloat16 kernel's backward gives."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _faulty_bf16_steps(monkeypatch, faulty_calls: int | None = None) -> list[bool]:
+    """Make the loss's gradient NaN whenever a step runs under CPU autocast (the first
+    ``faulty_calls`` such steps, or all); returns the autocast flag of every step call."""
+    calls: list[bool] = []
+    real = engine.make_step
+
+    def make_step(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def faulty(batch, t):
+            loss, terms = step(batch, t)
+            in_bf16 = torch.is_autocast_enabled("cpu")
+            calls.append(in_bf16)
+            if in_bf16 and (faulty_calls is None or sum(calls) <= faulty_calls):
+                loss = _NaNBackward.apply(loss)
+            return loss, terms
+
+        return faulty
+
+    monkeypatch.setattr(engine, "make_step", make_step)
+    return calls
+
+
+def _rows(path):
+    rows = (path / "losses.csv").read_text(encoding="utf-8").splitlines()
+    header = rows[0].split(",")
+    return [dict(zip(header, map(float, r.split(",")))) for r in rows[1:]]
+
+
+@pytest.mark.parametrize("method", ["aua_bcl", "full"])
+def test_bfloat16_steps_with_non_finite_gradients_are_computed_again_in_float32(
+        tiny_cases, artifacts, tmp_path, monkeypatch, caplog, method):  # noqa: F811
+    """A bfloat16 step whose gradients are not finite is computed again in float32 from the same
+    RNG states, batch-norm statistics and prototype statistics; after BF16_REDO_LIMIT such
+    steps the run goes on in float32. With every bfloat16 step faulty, the weights end as a
+    float32 run's do, bit for bit."""
+    lab, unl = tiny_cases
+    pseudo, protos = artifacts
+    extra = dict(pseudo=pseudo, prototypes=protos) if method == "full" else {}
+    kw = dict(lambda_c=0.1) if method == "aua_bcl" else dict(lambda_r=0.1)
+    iterations = engine.BF16_REDO_LIMIT + 2
+    ref = train(TrainConfig(method=method, cpu_amp="off", **kw, **{**TINY, "iterations": iterations}), lab, unl,
+                tmp_path / "fp32", device="cpu", progress=False, **extra)
+    calls = _faulty_bf16_steps(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="semiseg.training"):
+        got = train(TrainConfig(method=method, cpu_amp="bfloat16", **kw, **{**TINY, "iterations": iterations}), lab, unl,
+                    tmp_path / "bf16", device="cpu", progress=False, **extra)
+    limit = engine.BF16_REDO_LIMIT
+    assert calls == [True, False] * limit + [False] * (iterations - limit)
+    assert [r["float32_redo"] for r in _rows(tmp_path / "bf16")] == [1.0] * limit + [0.0] * (iterations - limit)
+    assert caplog.text.count("non-finite gradients in bfloat16") == limit
+    assert "the rest of this run trains in float32" in caplog.text
+    assert "computing this step again in float32" in caplog.text and "backbone.enc1.0.weight" in caplog.text  # names the parameters
+    a, b = (torch.load(p, weights_only=True) for p in (ref, got))
+    for part in ("student", "teacher", "prototypes"):
+        if a[part] is not None:
+            assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+def test_a_single_faulty_bfloat16_step_leaves_the_rest_in_bfloat16(tiny_cases, tmp_path, monkeypatch):  # noqa: F811
+    lab, unl = tiny_cases
+    calls = _faulty_bf16_steps(monkeypatch, faulty_calls=1)
+    train(TrainConfig(method="aua_bcl", lambda_c=0.1, cpu_amp="bfloat16", **{**TINY, "iterations": 3}), lab, unl, tmp_path,
+          device="cpu", progress=False)
+    assert calls == [True, False, True, True]
+    assert [r["float32_redo"] for r in _rows(tmp_path)] == [1.0, 0.0, 0.0]
+
+
+def test_non_finite_gradients_in_float32_stop_the_run_and_name_the_parameters(tiny_cases, tmp_path, monkeypatch):  # noqa: F811
+    lab, unl = tiny_cases
+    real = engine.make_step
+
+    def make_step(*args, **kwargs):
+        step = real(*args, **kwargs)
+        return lambda batch, t: (lambda loss, terms: (_NaNBackward.apply(loss) if t == 1 else loss, terms))(*step(batch, t))
+
+    monkeypatch.setattr(engine, "make_step", make_step)
+    with pytest.raises(FloatingPointError, match=r"non-finite gradients at iteration 1 \(float32\).*parameters: backbone.enc1.0.weight"):
+        train(TrainConfig(method="supervised", cpu_amp="off", **{**TINY, "iterations": 3}), [*lab], [], tmp_path,
+              device="cpu", progress=False, checkpoint_every=1)
+    assert not (tmp_path / "model.pt").exists()
+    assert [r["iteration"] for r in _rows(tmp_path)] == [0.0]  # the last checkpoint's history, before the fault

@@ -230,10 +230,49 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
     """Backward pass and optimiser step through the AMP grad scaler (a no-op scaler on the CPU)."""
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    backward(loss, opt, scaler)
     scaler.step(opt)
     scaler.update()
+
+
+def backward(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Zero the gradients of ``opt``'s parameters, then backpropagate ``loss`` (scaled by ``scaler``)."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+
+
+def non_finite_gradients(module: torch.nn.Module) -> list[str]:
+    """The names of ``module``'s parameters whose gradient holds a NaN or an infinity (empty: all finite)."""
+    named = [(name, p.grad) for name, p in module.named_parameters() if p.grad is not None]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(g).all() for _, g in named]).cpu()  # one device sync
+    return [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
+
+
+#: bfloat16 steps on the CPU that may be redone in float32 before the rest of the run trains in float32.
+BF16_REDO_LIMIT = 3
+
+
+class _StepState:
+    """What one iteration's loss computation changes besides the gradients: the RNG streams,
+    the networks' buffers (batch-norm statistics, in train mode) and the prototype
+    statistics. Taken before a step and put back to compute the same step again."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module], stats: PrototypeStatistics | None) -> None:
+        self.modules, self.stats = list(modules), stats
+        self.rng = _rng_state()
+        self.buffers = [[b.detach().clone() for b in m.buffers()] for m in self.modules]
+        self.stats_state = stats.state_dict() if stats is not None else None  # copies
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        _set_rng_state(self.rng)
+        for m, saved in zip(self.modules, self.buffers, strict=True):
+            for b, v in zip(m.buffers(), saved, strict=True):
+                b.copy_(v)
+        if self.stats is not None:
+            self.stats.load_state_dict(self.stats_state)
 
 
 def pcl_prototypes(stats: PrototypeStatistics, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,14 +548,48 @@ def train(
         _save_model(snapshots[start], cfg, start, student, teacher, stats, deployment)
     it = iter(loader)
     t_wait_total = t_step_total = 0.0
+    cpu_bf16 = use_amp and dev.type == "cpu"
+    bf16_redos = 0
     for t in range(start, cfg.iterations):
         t0 = time.perf_counter()
         batch = next(it)
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         t1 = time.perf_counter()
+        state = _StepState([m for m in (student, teacher) if m is not None], stats) if use_amp and dev.type == "cpu" else None
         with autocast(dev, enabled=use_amp, dtype=amp_dtype):  # losses and statistics stay float32
             loss, terms = step_fn(batch, t)
-        optimizer_step(loss, opt, scaler)
+        backward(loss, opt, scaler)
+        # float16 on CUDA: the grad scaler skips a step with overflowed gradients by itself.
+        bad = [] if scaler.is_enabled() else non_finite_gradients(student)
+        if bad and state is not None:
+            # bfloat16 has float32's range, so a non-finite gradient here that float32 does not
+            # give is a CPU kernel's fault (seen on a Xeon with AMX-BF16, torch 2.13): the same
+            # step again, in float32, from the same RNG states and statistics.
+            bf16_redos += 1
+            log.warning("iteration %d: non-finite gradients in bfloat16 (loss %s) in %d parameter(s): %s; "
+                        "computing this step again in float32 (%d of %d such steps before the run goes on in float32)",
+                        t, terms["loss"], len(bad), ", ".join(bad[:8]) + (", ..." if len(bad) > 8 else ""), bf16_redos,
+                        BF16_REDO_LIMIT)
+            state.restore()
+            loss, terms = step_fn(batch, t)
+            backward(loss, opt, scaler)
+            bad = non_finite_gradients(student)
+            redone = 1.0
+            if bf16_redos >= BF16_REDO_LIMIT:
+                use_amp = False
+                log.warning("iteration %d: %d bfloat16 steps had non-finite gradients that float32 did not have; "
+                            "the rest of this run trains in float32 (set training.cpu_amp: off to start in float32)",
+                            t, bf16_redos)
+        else:
+            redone = 0.0
+        if bad or not np.isfinite(terms["loss"]):
+            raise FloatingPointError(
+                f"non-finite {'gradients' if bad else 'loss'} at iteration {t} "
+                f"({'float32' if not use_amp or redone else amp_dtype}): {terms}"
+                + (f"; parameters: {', '.join(bad[:8])}" if bad else "")
+            )
+        scaler.step(opt)
+        scaler.update()
         lr = opt.param_groups[0]["lr"]
         sched.step()
         if cfg.method == "bcp":
@@ -526,11 +599,12 @@ def train(
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
-        if not np.isfinite(terms["loss"]):
-            raise FloatingPointError(f"non-finite loss at iteration {t}: {terms}")
         t_wait_total += t1 - t0
         t_step_total += t2 - t0
-        history.append({"iteration": t, "lr": lr, **terms, "data_wait_s": t1 - t0, "step_s": t2 - t0})
+        row = {"iteration": t, "lr": lr, **terms, "data_wait_s": t1 - t0, "step_s": t2 - t0}
+        if cpu_bf16:
+            row["float32_redo"] = redone  # 1: this bfloat16 step was computed again in float32
+        history.append(row)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
