@@ -575,11 +575,6 @@ def train(
             backward(loss, opt, scaler)
             bad = non_finite_gradients(student)
             redone = 1.0
-            if bf16_redos >= BF16_REDO_LIMIT:
-                use_amp = False
-                log.warning("iteration %d: %d bfloat16 steps had non-finite gradients that float32 did not have; "
-                            "the rest of this run trains in float32 (set training.cpu_amp: off to start in float32)",
-                            t, bf16_redos)
         else:
             redone = 0.0
         if bad or not np.isfinite(terms["loss"]):
@@ -588,6 +583,11 @@ def train(
                 f"({'float32' if not use_amp or redone else amp_dtype}): {terms}"
                 + (f"; parameters: {', '.join(bad[:8])}" if bad else "")
             )
+        if redone and bf16_redos >= BF16_REDO_LIMIT:
+            use_amp = False
+            log.warning("iteration %d: %d bfloat16 steps had non-finite gradients that float32 did not have; "
+                        "the rest of this run trains in float32 (set training.cpu_amp: off to start in float32)",
+                        t, bf16_redos)
         scaler.step(opt)
         scaler.update()
         lr = opt.param_groups[0]["lr"]
