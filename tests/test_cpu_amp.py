@@ -190,3 +190,18 @@ def test_non_finite_gradients_in_float32_stop_the_run_and_name_the_parameters(ti
               device="cpu", progress=False, checkpoint_every=1)
     assert not (tmp_path / "model.pt").exists()
     assert [r["iteration"] for r in _rows(tmp_path)] == [0.0]  # the last checkpoint's history, before the fault
+
+
+def test_a_bfloat16_step_whose_float32_redo_is_not_finite_stops_the_run(tiny_cases, tmp_path, monkeypatch):  # noqa: F811
+    lab, unl = tiny_cases
+    real = engine.make_step
+
+    def make_step(*args, **kwargs):
+        step = real(*args, **kwargs)
+        return lambda batch, t: (lambda loss, terms: (_NaNBackward.apply(loss), terms))(*step(batch, t))
+
+    monkeypatch.setattr(engine, "make_step", make_step)
+    with pytest.raises(FloatingPointError, match=r"non-finite gradients at iteration 0 \(float32\)"):
+        train(TrainConfig(method="aua_bcl", lambda_c=0.1, cpu_amp="bfloat16", **{**TINY, "iterations": 2}), lab, unl, tmp_path,
+              device="cpu", progress=False)
+    assert not (tmp_path / "model.pt").exists()
