@@ -72,9 +72,19 @@ def test_training_runs_the_network_in_bfloat16_and_the_losses_in_float32(tiny_ca
         return out
 
     monkeypatch.setattr(torch.nn.Conv3d, "forward", conv_forward)
+    checked: list[bool] = []
+    real_check = engine.cpu_kernels_agree
+
+    def kernel_check(*args, **kwargs):  # its float32 and bfloat16 probes are not the training's convs
+        checked.append(real_check(*args, **kwargs))
+        conv_dtypes.clear()
+        return checked[-1]
+
+    monkeypatch.setattr(engine, "cpu_kernels_agree", kernel_check)
     cfg = TrainConfig(method=method, lambda_c=0.1 if method == "aua_bcl" else 0.0, cpu_amp="bfloat16", **{**TINY, "iterations": 2})
     with caplog.at_level(logging.INFO, logger="semiseg.training"):
         model = train(cfg, lab, unl, tmp_path, device="cpu", progress=False)
+    assert checked == [True]  # this CPU's kernels agree at these shapes
     assert seen == [torch.bfloat16, torch.bfloat16]
     # The backbone's convolutions in bfloat16 (a head that the precision module keeps in
     # float32 may add float32 ones).

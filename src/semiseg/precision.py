@@ -18,11 +18,15 @@ nothing else calls ``.cuda()``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import math
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 #: Device types whose autocast state :func:`full_precision` inspects.
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
@@ -124,3 +128,111 @@ def full_precision_op(fn: T) -> T:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+#: Relative error (L2 norm of the difference / L2 norm of the float32 result) above which a
+#: bfloat16 convolution kernel counts as faulty. A correct kernel is off by bfloat16's
+#: rounding, about 0.002 on the probe's inputs; the faults found (oneDNN's AVX512_CORE_BF16
+#: weight gradient of 3x3x3 convolutions over 2x2x1 and 2x2x2 inputs, docs/benchmarks.md)
+#: are off by 0.8 to infinity.
+BF16_KERNEL_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class KernelCheck:
+    """One convolution of a network, run at its training shape in bfloat16 and in float32.
+
+    ``errors``: relative error of the bfloat16 result against float32 on the same
+    (bfloat16-rounded) inputs, for ``output``, ``grad_input`` and ``grad_weight``;
+    ``inf`` where the bfloat16 result is not finite.
+    """
+
+    module: str  # the module's name in the network (the first one, where several share a shape)
+    op: str  # the module's class, e.g. Conv3d
+    input_shape: tuple[int, ...]
+    errors: dict[str, float]
+
+    @property
+    def worst(self) -> float:
+        return max(self.errors.values())
+
+    def describe(self) -> str:
+        errs = ", ".join(f"{k} {v:.3g}" for k, v in self.errors.items())
+        return f"{self.module} ({self.op}, input {'x'.join(map(str, self.input_shape))}): {errs}"
+
+
+def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    value, reference = value.double(), reference.double()
+    if not torch.isfinite(value).all():
+        return math.inf
+    scale = reference.norm().item()
+    diff = (value - reference).norm().item()
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def _check_conv(module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> dict[str, float]:
+    """Forward and backward of ``module`` on random input of ``shape``: ``dtype`` autocast against float32."""
+    device = next(module.parameters()).device
+    reference = copy.deepcopy(module).float().train()
+    with torch.no_grad():  # inputs representable in dtype, so both runs see the same numbers
+        for p in reference.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator).mul_(p.shape[1] ** -0.5 if p.dim() > 1 else 0.1).to(dtype))
+    x = torch.randn(shape, generator=generator).to(dtype).float().to(device)
+    results = []
+    for low in (False, True):
+        net = copy.deepcopy(reference)
+        xin = x.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=dtype, enabled=low):
+            y = net(xin)
+        grad = torch.randn(y.shape, generator=generator.manual_seed(1)).to(dtype).float().to(device)
+        y.float().backward(grad)
+        results.append((y.detach().float(), xin.grad, net.weight.grad))
+    (y32, dx32, dw32), (ylo, dxlo, dwlo) = results
+    return {"output": _relative_error(ylo, y32), "grad_input": _relative_error(dxlo, dx32),
+            "grad_weight": _relative_error(dwlo, dw32)}
+
+
+def check_bf16_convolutions(
+    model: nn.Module, run: Callable[[], Any], dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+) -> list[KernelCheck]:
+    """Run every convolution that ``run()`` calls in ``model`` at the input shape it sees there,
+    once under ``dtype`` autocast and once in float32, and compare output, input gradient and
+    weight gradient (:class:`KernelCheck`, one per distinct layer configuration and shape).
+
+    A CPU's reduced-precision convolution kernels can be wrong at some shapes only (oneDNN's
+    AVX512_CORE_BF16 path: the weight gradient of 3x3x3 convolutions over 2x2x1 and 2x2x2
+    inputs is NaN, infinite or wrong by about 100 %, while AMX's is right), and a wrong
+    finite gradient is invisible to a finiteness check; this probes the kernels the
+    training will call, at their shapes, before it does. ``run`` is called once under
+    ``torch.no_grad()`` with ``model`` in eval mode (no batch-norm statistics change; the
+    mode is restored); the probes draw from their own generator, not the global RNG. Cost:
+    about one forward and two forward + backward passes of the network.
+    """
+    seen: dict[tuple, tuple[str, nn.Module, tuple[int, ...]]] = {}
+
+    def hook(name):
+        def record(m, args, _out):
+            shape = tuple(args[0].shape)
+            key = (type(m).__name__, repr(m), shape)
+            seen.setdefault(key, (name, m, shape))
+        return record
+
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    handles = [m.register_forward_hook(hook(n)) for n, m in convs]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    generator = torch.Generator().manual_seed(seed)
+    return [KernelCheck(name, type(m).__name__, shape, _check_conv(m, shape, dtype, generator))
+            for name, m, shape in seen.values()]
+
+
+def faulty_kernels(checks: list[KernelCheck], tolerance: float = BF16_KERNEL_TOLERANCE) -> list[KernelCheck]:
+    """The checks off by more than ``tolerance`` (or not finite)."""
+    return [c for c in checks if not c.worst <= tolerance]

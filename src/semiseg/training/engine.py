@@ -67,7 +67,15 @@ from semiseg.losses import (
 )
 from semiseg.models import MODEL_FORMAT, load_model, read_torch_file  # noqa: F401 (re-exported)
 from semiseg.networks import SegmentationNet
-from semiseg.precision import CPU_AMP_CHOICES, autocast, cpu_bf16_units, resolve_device, training_autocast_dtype  # noqa: F401
+from semiseg.precision import (  # noqa: F401
+    CPU_AMP_CHOICES,
+    autocast,
+    check_bf16_convolutions,
+    cpu_bf16_units,
+    faulty_kernels,
+    resolve_device,
+    training_autocast_dtype,
+)
 from semiseg.prototypes import PrototypeStatistics
 from semiseg.training.baselines import BASELINE_METHODS, BASELINE_STEPS
 from semiseg.training.bcp import BCPStep, validate_bcp_settings
@@ -273,6 +281,34 @@ class _StepState:
                 b.copy_(v)
         if self.stats is not None:
             self.stats.load_state_dict(self.stats_state)
+
+
+def cpu_kernels_agree(model: SegmentationNet, patch_size: Sequence[int], batch: int, dtype: torch.dtype,
+                      device: torch.device) -> bool:
+    """Whether the CPU's ``dtype`` convolution kernels agree with float32 at every shape that
+    ``model`` trains at (``batch`` crops of ``patch_size``): True, logged; False, with a warning
+    that names each faulty convolution and its errors (the run then trains in float32).
+
+    See :func:`semiseg.precision.check_bf16_convolutions`: some CPU kernels give wrong weight
+    gradients at some shapes only, NaN or finite, so the training checks before it starts.
+    """
+    x = torch.zeros(batch, model.config["in_channels"], *patch_size, device=device)
+
+    def run() -> None:
+        out = model(x)
+        if model.projection is not None:
+            model.project(out.features)
+
+    checks = check_bf16_convolutions(model, run, dtype)
+    bad = faulty_kernels(checks)
+    if bad:
+        log.warning("%s convolution kernels of this CPU disagree with float32 at %d of %d shapes of this network "
+                    "(relative errors; a correct kernel is off by about 0.002): %s; this run trains in float32",
+                    str(dtype).removeprefix("torch."), len(bad), len(checks), "; ".join(c.describe() for c in bad))
+        return False
+    log.info("%s convolution kernels checked at %d shapes of this network: within %.2g of float32",
+             str(dtype).removeprefix("torch."), len(checks), max(c.worst for c in checks))
+    return True
 
 
 def pcl_prototypes(stats: PrototypeStatistics, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -525,6 +561,9 @@ def train(
         elif ckpt:
             log.warning("ignoring %s: it was written with other settings", ckpt_path)
 
+    if use_amp and dev.type == "cpu" and not cpu_kernels_agree(student, cfg.patch_size, lb + ub, amp_dtype, dev):
+        use_amp, amp_dtype = False, None
+
     data = PatchBatches(
         labelled, unlabelled, cfg.patch_size, lb, ub, cfg.seed, cfg.iterations, pseudo=pseudo,
         augmentation=cfg.augmentation,
@@ -563,8 +602,9 @@ def train(
         bad = [] if scaler.is_enabled() else non_finite_gradients(student)
         if bad and state is not None:
             # bfloat16 has float32's range, so a non-finite gradient here that float32 does not
-            # give is a CPU kernel's fault (seen on a Xeon with AMX-BF16, torch 2.13): the same
-            # step again, in float32, from the same RNG states and statistics.
+            # give is a CPU kernel's fault that cpu_kernels_agree did not catch (it checks the
+            # convolutions only): the same step again, in float32, from the same RNG states
+            # and statistics.
             bf16_redos += 1
             log.warning("iteration %d: non-finite gradients in bfloat16 (loss %s) in %d parameter(s): %s; "
                         "computing this step again in float32 (%d of %d such steps before the run goes on in float32)",
