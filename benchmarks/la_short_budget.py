@@ -224,6 +224,9 @@ def main() -> None:
     ap.add_argument("--patch", type=int, nargs=3, default=(64, 64, 48))
     ap.add_argument("--stride", type=int, nargs=3, default=(16, 16, 8))
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--cpu-amp", default="off", choices=["off", "bfloat16", "auto"],
+                    help="training.cpu_amp of every run (default off: float32, as every study on record); "
+                         "other values write to their own folder (<tag>_cpuamp-<value>)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS) + list(STAGE2_VARIANTS))
     ap.add_argument("--stage1", default="aua_bcl", choices=list(VARIANTS),
                     help="the stage-1 variant whose model the s2_* variants start from (trained if missing)")
@@ -235,7 +238,7 @@ def main() -> None:
                     help="with --report: also draw the training curves of the stage-2 runs at these settings")
     a = ap.parse_args()
     work = Path(a.workdir)
-    tag = f"it{a.iterations}_w{a.width}_s{a.seed}"
+    tag = f"it{a.iterations}_w{a.width}_s{a.seed}" + ("" if a.cpu_amp == "off" else f"_cpuamp-{a.cpu_amp}")
     if a.report:
         n_test = len([c for c in (Path(a.la) / "test.list").read_text(encoding="utf-8").split()
                       if (Path(a.la) / c / "mri_norm2.h5").exists()])
@@ -260,12 +263,12 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{len(labelled)} labelled, {len(unlabelled)} unlabelled, {len(eval_cases)} evaluation cases "
           f"({len(test_cases)} test + {len(held)} held out); {a.iterations} iterations, width {a.width}, "
-          f"patch {tuple(a.patch)}, seed {a.seed}", flush=True)
+          f"patch {tuple(a.patch)}, seed {a.seed}, cpu_amp {a.cpu_amp}", flush=True)
     results: dict[str, dict] = {}
 
     def config(values: dict) -> TrainConfig:
         return TrainConfig(patch_size=tuple(a.patch), iterations=a.iterations, lr_step=int(0.8 * a.iterations),
-                           base_filters=a.width, bcl_max_samples=2000, seed=a.seed, **values)
+                           base_filters=a.width, bcl_max_samples=2000, seed=a.seed, cpu_amp=a.cpu_amp, **values)
 
     def trained(name: str) -> tuple[Path, float]:
         """The stage-1 variant's model (trained now if missing) and the seconds it took."""
