@@ -1,5 +1,9 @@
 """The bfloat16 convolution-kernel check before CPU bfloat16 training
-(semiseg.precision.check_bf16_convolutions, semiseg.training.engine.cpu_kernels_agree)."""
+(semiseg.precision.check_bf16_convolutions, semiseg.training.engine.cpu_kernels_agree).
+
+The check's logic is tested on PyTorch's reference convolutions (``reference_convolutions``:
+oneDNN off), with faults injected, so that it does not depend on the host; the last test
+runs it on the host's own oneDNN kernels, forced onto the AVX512_CORE_BF16 path."""
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ def _forward(model, shape):
     return lambda: model.project(model(x).features)
 
 
+@pytest.mark.usefixtures("reference_convolutions")
 def test_every_convolution_is_checked_once_per_shape_and_the_model_is_left_as_it_was():
     cfg = TrainConfig(method="aua_bcl", lambda_c=0.1, **TINY)
     model = build_model(cfg).train()
@@ -44,7 +49,7 @@ def test_every_convolution_is_checked_once_per_shape_and_the_model_is_left_as_it
     assert next(c for c in checks if c.module == "backbone.enc1.0").input_shape == (4, 1, 16, 16, 16)
     assert next(c for c in checks if c.module == "backbone.enc5.0").input_shape == (4, 32, 1, 1, 1)
     assert next(c for c in checks if c.module == "projection.net.0").input_shape == (4, 2, 16, 16, 16)
-    for c in checks:  # bfloat16's rounding, no more: this CPU's kernels at these shapes are right
+    for c in checks:  # bfloat16's rounding, no more: PyTorch's reference convolutions are right
         assert set(c.errors) == {"output", "grad_input", "grad_weight"}
         assert 0 < c.worst <= BF16_KERNEL_TOLERANCE, c.describe()
 
@@ -76,6 +81,7 @@ def _faulty_kernel(monkeypatch, spatial: tuple[int, ...], factor: float) -> None
 
 
 @pytest.mark.parametrize("factor", [float("nan"), 3.0])
+@pytest.mark.usefixtures("reference_convolutions")
 def test_a_faulty_weight_gradient_is_found_nan_or_finite(monkeypatch, factor):
     cfg = TrainConfig(method="aua_bcl", lambda_c=0.1, **TINY)
     model = build_model(cfg)
@@ -100,6 +106,7 @@ def test_faulty_kernels_keeps_the_checks_over_the_tolerance_and_the_non_finite()
     assert faulty_kernels([far], tolerance=1.0) == []
 
 
+@pytest.mark.usefixtures("reference_convolutions")
 def test_training_checks_the_kernels_and_trains_in_float32_where_one_is_faulty(tiny_cases, tmp_path, monkeypatch, caplog):  # noqa: F811
     """A faulty bfloat16 kernel at one of the network's shapes: the run warns, naming the
     convolution and its errors, and trains in float32 from the start, bit for bit as a
@@ -119,6 +126,7 @@ def test_training_checks_the_kernels_and_trains_in_float32_where_one_is_faulty(t
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
+@pytest.mark.usefixtures("reference_convolutions")
 def test_training_with_right_kernels_logs_the_check_and_stays_in_bfloat16(tiny_cases, tmp_path, caplog):  # noqa: F811
     lab, _ = tiny_cases
     with caplog.at_level(logging.INFO, logger="semiseg.training"):

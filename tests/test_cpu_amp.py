@@ -50,6 +50,7 @@ def test_cpu_bf16_units_reads_this_cpu():
 
 
 @pytest.mark.parametrize("method", ["supervised", "aua_bcl"])
+@pytest.mark.usefixtures("reference_convolutions")
 def test_training_runs_the_network_in_bfloat16_and_the_losses_in_float32(tiny_cases, tmp_path, monkeypatch, caplog, method):  # noqa: F811
     """cpu_amp: bfloat16 on the CPU: convolutions under bfloat16 autocast, every logged loss
     finite, and the run's model file loads in float32."""
@@ -148,6 +149,7 @@ def _rows(path):
 
 
 @pytest.mark.parametrize("method", ["aua_bcl", "full"])
+@pytest.mark.usefixtures("reference_convolutions")
 def test_bfloat16_steps_with_non_finite_gradients_are_computed_again_in_float32(
         tiny_cases, artifacts, tmp_path, monkeypatch, caplog, method):  # noqa: F811
     """A bfloat16 step whose gradients are not finite is computed again in float32 from the same
@@ -177,6 +179,7 @@ def test_bfloat16_steps_with_non_finite_gradients_are_computed_again_in_float32(
             assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
+@pytest.mark.usefixtures("reference_convolutions")
 def test_a_single_faulty_bfloat16_step_leaves_the_rest_in_bfloat16(tiny_cases, tmp_path, monkeypatch):  # noqa: F811
     lab, unl = tiny_cases
     calls = _faulty_bf16_steps(monkeypatch, faulty_calls=1)
@@ -202,6 +205,7 @@ def test_non_finite_gradients_in_float32_stop_the_run_and_name_the_parameters(ti
     assert [r["iteration"] for r in _rows(tmp_path)] == [0.0]  # the last checkpoint's history, before the fault
 
 
+@pytest.mark.usefixtures("reference_convolutions")
 def test_a_bfloat16_step_whose_float32_redo_is_not_finite_stops_the_run(tiny_cases, tmp_path, monkeypatch):  # noqa: F811
     lab, unl = tiny_cases
     real = engine.make_step
