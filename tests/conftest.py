@@ -66,10 +66,14 @@ def reference_convolutions():
     test networks have. The kernel check's own tests on the host's kernels are in
     tests/test_bf16_kernel_check.py.
     """
+    import warnings
+
     import torch
 
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
+    with warnings.catch_warnings():  # setting the flags warns of a TF32 option for Intel GPUs, every time
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN", category=UserWarning)
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
 
 
 @pytest.fixture(scope="session")
