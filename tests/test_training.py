@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -151,6 +153,30 @@ def test_checkpoint_of_other_settings_is_not_resumed(tiny_cases, tmp_path):
     cfg = TrainConfig(method="supervised", **{**TINY, "iterations": 2, "lr": 0.02})
     train(cfg, lab, unl, tmp_path, device="cpu", checkpoint_every=1, progress=False)
     assert [r["lr"] for r in _rows(tmp_path / "losses.csv")] == ["0.02", "0.02"]
+
+
+def test_checkpoint_of_other_inputs_is_not_resumed(tiny_cases, tmp_path, caplog):
+    """Same settings, other training files (a rule rerun because an upstream file changed:
+    new pseudo labels, a retrained stage 1, edited cases): the finished run's checkpoint in
+    the folder must not stand in for the new run."""
+    lab, unl = tiny_cases
+    cfg = TrainConfig(method="supervised", **{**TINY, "iterations": 2})
+    other = []  # the same cases, one of them with another image under its old name
+    for i, case in enumerate(lab):
+        other.append(tmp_path / "edited" / case.name)
+        other[-1].parent.mkdir(exist_ok=True)
+        shutil.copy(case, other[-1])
+        if i == 0:
+            with h5py.File(other[-1], "r+") as f:
+                f["image"][...] = f["image"][...] * 0.5
+    train(cfg, lab, unl, tmp_path / "run", device="cpu", checkpoint_every=1, progress=False)
+    first = _weights(tmp_path / "run" / "model.pt")[0]
+    with caplog.at_level("WARNING", logger="semiseg.training"):
+        train(cfg, other, unl, tmp_path / "run", device="cpu", checkpoint_every=1, progress=False)
+    assert "trained on other input files" in caplog.text
+    train(cfg, other, unl, tmp_path / "fresh", device="cpu", checkpoint_every=1, progress=False)
+    rerun, fresh = _weights(tmp_path / "run" / "model.pt")[0], _weights(tmp_path / "fresh" / "model.pt")[0]
+    assert _same(rerun, fresh) and not _same(rerun, first)
 
 
 @pytest.mark.parametrize("method", STAGE1_METHODS)

@@ -9,7 +9,6 @@ their pseudo labels) into :class:`semiseg.prototypes.PrototypeStatistics`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import itertools
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from semiseg.inference import padding_for, predict_probabilities, sliding_window_predict, window_starts  # noqa: F401
 from semiseg.io.atomic import atomic_path
+from semiseg.io.digest import file_sha256  # noqa: F401 (re-exported: the digest in pseudo-label files)
 from semiseg.prototypes import PrototypeStatistics
 from semiseg.models import load_model
 from semiseg.postprocessing import filter_label
@@ -32,15 +32,6 @@ _log = logging.getLogger("semiseg.pseudo")
 
 if TYPE_CHECKING:  # pandas is imported where it is used: GPU machines may lack it
     import pandas as pd
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_pseudo_label(

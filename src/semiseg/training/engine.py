@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader
 import torch.nn.functional as F
 
 from semiseg.io.atomic import atomic_path
+from semiseg.io.digest import files_digest
 from semiseg.losses import (
     boundary_contrastive_loss,
     ce_dice_loss,
@@ -517,6 +518,15 @@ def train(
                 f"stage-2 V-Net of {cfg.num_classes} classes x {cfg.base_filters} features"
             )
 
+    # What the run learns from, by content: a checkpoint of the same settings but other cases,
+    # pseudo labels, prototypes or initial weights (a rule rerun because an upstream file
+    # changed) must not be resumed.
+    inputs_digest = files_digest({
+        "labelled": labelled, "unlabelled": unlabelled, "pseudo": pseudo,
+        "prototypes": prototypes if stats is not None else None,
+        "init_from": init_from if cfg.stage == 2 and cfg.stage2_init == "stage1" else None,
+    })
+
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -543,10 +553,14 @@ def train(
         except ValueError as exc:  # e.g. written by an older version (NumPy objects inside)
             log.warning("ignoring %s", exc)
             ckpt = {}
-        if ckpt.get("fingerprint") == cfg.fingerprint() and any(k < int(ckpt["iteration"]) for k in snapshots):
+        same_settings = ckpt.get("fingerprint") == cfg.fingerprint()
+        if same_settings and ckpt.get("inputs") != inputs_digest:
+            log.warning("not resuming from %s: it was trained on other input files (cases, pseudo labels, prototypes "
+                        "or initial weights) than this run's; training from the start", ckpt_path)
+        elif same_settings and any(k < int(ckpt["iteration"]) for k in snapshots):
             log.warning("not resuming from %s: its iteration %d is past snapshot iteration(s) %s; training from the start",
                         ckpt_path, int(ckpt["iteration"]), sorted(k for k in snapshots if k < int(ckpt["iteration"])))
-        elif ckpt.get("fingerprint") == cfg.fingerprint():
+        elif same_settings:
             student.load_state_dict(ckpt["student"])
             if teacher is not None:
                 teacher.load_state_dict(ckpt["teacher"])
@@ -652,7 +666,7 @@ def train(
             _save_model(snapshots[t + 1], cfg, t + 1, student, teacher, stats, deployment)
             log.info("iteration %d: model snapshot %s", t + 1, snapshots[t + 1])
         if (t + 1) % checkpoint_every == 0 or t + 1 == cfg.iterations:
-            _save_checkpoint(ckpt_path, cfg, t + 1, student, teacher, opt, sched, scaler, history, stats)
+            _save_checkpoint(ckpt_path, cfg, t + 1, student, teacher, opt, sched, scaler, history, stats, inputs_digest)
             write_history(history, out / "losses.csv")
             log.info("iteration %d/%d loss %.4f (data wait %.1f%% of step time)", t + 1, cfg.iterations,
                      terms["loss"], 100 * t_wait_total / max(t_step_total, 1e-9))
@@ -693,10 +707,10 @@ def init_from_stage1(net: SegmentationNet, model_path: str | Path) -> None:
             net.seg_head.bias.copy_(source.aleatoric.branches.bias[:c])
 
 
-def _save_checkpoint(path, cfg, iteration, student, teacher, opt, sched, scaler, history, stats=None) -> None:
+def _save_checkpoint(path, cfg, iteration, student, teacher, opt, sched, scaler, history, stats=None, inputs=None) -> None:
     with atomic_path(path) as tmp:
         torch.save({
-            "fingerprint": cfg.fingerprint(), "iteration": iteration, "student": student.state_dict(),
+            "fingerprint": cfg.fingerprint(), "inputs": inputs, "iteration": iteration, "student": student.state_dict(),
             "teacher": teacher.state_dict() if teacher is not None else None,
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
             "rng": _rng_state(), "history": history,
