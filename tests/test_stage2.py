@@ -14,6 +14,7 @@ from semiseg.prototypes import PrototypeStatistics
 from semiseg.pseudo import (
     accumulate_features,
     estimate_prototypes,
+    overlap_scores,
     pseudo_label_is_current,
     pseudo_label_quality,
     write_pseudo_label,
@@ -98,6 +99,34 @@ def test_pseudo_label_quality_table(tiny_cases, stage1, artifacts, tmp_path):  #
     assert np.isclose(table["dice"].iloc[-1], table["dice"][:2].mean())
     rows = list(csv.DictReader(open(tmp_path / "q2.csv", encoding="utf-8")))
     assert rows[-1]["case"] == "mean" and float(rows[-1]["dice"]) == pytest.approx(table["dice"].iloc[-1])
+    assert list(rows[0]) == ["case", "dice", "precision", "recall", "volume_ratio"]
+    for p, c, row in zip(scored, lab[:2], rows, strict=False):
+        with h5py.File(p, "r") as fp, h5py.File(c, "r") as fc:
+            a, b = fp["label"][...] > 0, fc["label"][...] > 0
+        assert float(row["volume_ratio"]) == pytest.approx(a.sum() / b.sum())
+        if a.any():
+            assert float(row["precision"]) == pytest.approx((a & b).sum() / a.sum())
+        assert float(row["recall"]) == pytest.approx((a & b).sum() / b.sum())
+
+
+def test_overlap_scores_by_hand():
+    ref = np.zeros((4, 4, 4), np.uint8)
+    ref[:2] = 1  # 32 voxels
+    pred = np.zeros_like(ref)
+    pred[1:4] = 1  # 48 voxels, 16 of them in ref: an over-segmentation
+    s = overlap_scores(pred, ref)
+    assert s["dice"] == pytest.approx(2 * 16 / 80)
+    assert s["precision"] == pytest.approx(16 / 48) and s["recall"] == pytest.approx(16 / 32)
+    assert s["volume_ratio"] == pytest.approx(1.5)
+    # Labels > 1 are foreground too; empty masks give NaN where a score is undefined.
+    assert overlap_scores(pred * 2, ref)["volume_ratio"] == pytest.approx(1.5)
+    empty = overlap_scores(np.zeros_like(ref), ref)
+    assert empty["dice"] == 0.0 and np.isnan(empty["precision"]) and empty["recall"] == 0.0 and empty["volume_ratio"] == 0.0
+    no_ref = overlap_scores(pred, np.zeros_like(ref))
+    assert no_ref["precision"] == 0.0 and np.isnan(no_ref["recall"]) and np.isnan(no_ref["volume_ratio"])
+    assert overlap_scores(np.zeros_like(ref), np.zeros_like(ref))["dice"] == 1.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        overlap_scores(pred, ref[:3])
 
 
 def test_prototypes_count_every_voxel_once(tiny_cases, stage1):  # noqa: F811

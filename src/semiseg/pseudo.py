@@ -119,21 +119,57 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if denom == 0 else float(2 * np.logical_and(a, b).sum() / denom)
 
 
-def pseudo_label_quality(pseudo_paths: Sequence[str | Path], case_paths: Sequence[str | Path], out_path: str | Path | None = None) -> pd.DataFrame:
-    """Dice of each pseudo label against the case's ground truth, plus a ``mean`` row.
+def overlap_scores(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Foreground overlap of a label map ``pred`` with a reference ``ref`` (same shape, any
+    integer labels; foreground = label > 0), as fractions.
 
-    Cases without ground truth are listed with an empty Dice. Written as CSV when ``out_path``.
+    Returns ``dice``; ``precision`` (share of ``pred``'s foreground voxels that are
+    foreground in ``ref``); ``recall`` (share of ``ref``'s foreground found by ``pred``);
+    ``volume_ratio`` (``pred``'s foreground voxel count over ``ref``'s: above 1 an
+    over-segmentation, below 1 an under-segmentation, whatever the overlap). Empty masks:
+    Dice is 1.0 when both are empty (:func:`dice`); precision is NaN when ``pred`` is empty,
+    recall and volume ratio are NaN when ``ref`` is empty (undefined, never a made-up value).
+    """
+    a, b = np.asarray(pred) > 0, np.asarray(ref) > 0
+    if a.shape != b.shape:
+        raise ValueError(f"overlap_scores: shapes differ, {a.shape} (pred) vs {b.shape} (ref)")
+    n_a, n_b, tp = int(a.sum()), int(b.sum()), int(np.logical_and(a, b).sum())
+    return {
+        "dice": dice(a, b),
+        "precision": tp / n_a if n_a else float("nan"),
+        "recall": tp / n_b if n_b else float("nan"),
+        "volume_ratio": n_a / n_b if n_b else float("nan"),
+    }
+
+
+QUALITY_COLUMNS = ("dice", "precision", "recall", "volume_ratio")
+
+
+def pseudo_label_quality(pseudo_paths: Sequence[str | Path], case_paths: Sequence[str | Path], out_path: str | Path | None = None) -> pd.DataFrame:
+    """Overlap of each pseudo label with the case's ground truth, plus a ``mean`` row.
+
+    Columns: ``case`` and :data:`QUALITY_COLUMNS` (:func:`overlap_scores`: Dice, precision,
+    recall, volume ratio, fractions). The volume ratio tells a biased stage-1 model (pseudo
+    labels systematically too large or too small) from a noisy one, which Dice alone does
+    not. Cases without ground truth are listed with empty scores; the ``mean`` row averages
+    each column over the cases where it is defined. Written as CSV when ``out_path``.
     """
     import pandas as pd
 
     rows = []
     for pp, cp in zip(pseudo_paths, case_paths, strict=True):
         with h5py.File(pp, "r") as fp, h5py.File(cp, "r") as fc:
-            d = dice(fp["label"][...], fc["label"][...]) if "label" in fc else None
-        rows.append({"case": Path(cp).stem, "dice": d})
-    table = pd.DataFrame(rows)
-    scored = table["dice"].dropna()
-    table = pd.concat([table, pd.DataFrame([{"case": "mean", "dice": scored.mean() if len(scored) else None}])], ignore_index=True)
+            if "label" in fc:
+                try:
+                    scores = overlap_scores(fp["label"][...], fc["label"][...])
+                except ValueError as err:
+                    raise ValueError(f"pseudo-label quality of case {Path(cp).stem}: {pp} against {cp}: {err}") from None
+            else:
+                scores = dict.fromkeys(QUALITY_COLUMNS)
+        rows.append({"case": Path(cp).stem, **scores})
+    table = pd.DataFrame(rows, columns=["case", *QUALITY_COLUMNS]).astype({c: float for c in QUALITY_COLUMNS})
+    mean = {"case": "mean", **{c: table[c].mean() if table[c].notna().any() else None for c in QUALITY_COLUMNS}}
+    table = pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
     if out_path is not None:
         with atomic_path(out_path, suffix=".csv") as tmp:
             table.to_csv(tmp, index=False)
