@@ -240,7 +240,7 @@ def test_micro_demo_end_to_end(micro_run):
     log = (micro_run / "results/logs/train/demo_5pct/seed1337/stage1_aua_bcl.log").read_text(encoding="utf-8")
     assert "training aua_bcl" in log and "lambda_c=0.01" in log
     quality = (micro_run / "results/pseudo/demo_5pct/seed1337/quality.csv").read_text(encoding="utf-8").splitlines()
-    assert quality[0] == "case,dice" and len(quality) == 2 + 2 and quality[-1].startswith("mean,")
+    assert quality[0] == "case,dice,precision,recall,volume_ratio" and len(quality) == 2 + 2 and quality[-1].startswith("mean,")
     assert (micro_run / "results/prototypes/demo_5pct/seed1337/prototypes.npz").exists()
     assert smk(micro_run, "-n", "all").stdout.count("rule ") == 0  # up to date
 
