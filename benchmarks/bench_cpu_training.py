@@ -28,7 +28,6 @@ import argparse
 import glob
 import json
 import multiprocessing as mp
-import platform
 import statistics
 import tempfile
 import time
@@ -36,20 +35,10 @@ from pathlib import Path
 
 import torch
 
-from semiseg.precision import cpu_bf16_units
+from semiseg.precision import cpu_bf16_units, cpu_model
 from semiseg.training.engine import TrainConfig, build_model, train
 
 DEMO = dict(patch_size=(64, 48, 32), base_filters=8, dropout=0.1, bcl_max_samples=2000, labelled_batch=2, unlabelled_batch=2)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run(method: str, cpu_amp: str, threads: int, iterations: int, skip: int, cases: list[str]) -> float:

@@ -86,7 +86,7 @@ import torch.nn.functional as F
 
 from semiseg.inference import sliding_window_predict, window_starts
 from semiseg.networks.vnet import SegmentationNet
-from semiseg.precision import autocast
+from semiseg.precision import autocast, cpu_model
 from semiseg.prototypes import PrototypeStatistics
 from semiseg.training.data import PatchBatches
 from semiseg.training.engine import (
@@ -1027,17 +1027,6 @@ def environment(dev: torch.device, s: Settings, data: Path) -> dict[str, Any]:
             driver=nvidia_driver(),
         )
     return info
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def command_output(cmd: Sequence[str], timeout: float) -> str | None:

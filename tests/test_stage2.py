@@ -109,6 +109,18 @@ def test_pseudo_label_quality_table(tiny_cases, stage1, artifacts, tmp_path):  #
         assert float(row["recall"]) == pytest.approx((a & b).sum() / b.sum())
 
 
+def test_pseudo_label_quality_pairs_by_case_name(tiny_cases, artifacts, tmp_path):  # noqa: F811
+    # Files listed in different orders (a sorted glob against a split's list) must not be
+    # scored against each other's ground truth.
+    lab, unl = tiny_cases
+    pseudo, _ = artifacts
+    with pytest.raises(ValueError, match=rf"case {unl[0].stem}: .*belongs to case {unl[1].stem}"):
+        pseudo_label_quality([pseudo[1], pseudo[0], *pseudo[2:]], unl, tmp_path / "q.csv")
+    with pytest.raises(ValueError, match="pseudo-label files for"):
+        pseudo_label_quality(pseudo[:1], unl[:2])
+    assert not (tmp_path / "q.csv").exists()
+
+
 def test_overlap_scores_by_hand():
     ref = np.zeros((4, 4, 4), np.uint8)
     ref[:2] = 1  # 32 voxels

@@ -56,6 +56,21 @@ def default_amp_dtype(device_type: str) -> torch.dtype:
 CPU_AMP_CHOICES = ("auto", "bfloat16", "off")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what :mod:`platform` says: for the
+    machine line of a recorded timing."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def cpu_bf16_units() -> list[str]:
     """The CPU's bfloat16 instruction sets that PyTorch's kernels use: ``amx_bf16`` and / or
     ``avx512_bf16`` (empty without them, or where PyTorch does not report them)."""

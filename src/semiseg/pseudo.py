@@ -153,11 +153,23 @@ def pseudo_label_quality(pseudo_paths: Sequence[str | Path], case_paths: Sequenc
     labels systematically too large or too small) from a noisy one, which Dice alone does
     not. Cases without ground truth are listed with empty scores; the ``mean`` row averages
     each column over the cases where it is defined. Written as CSV when ``out_path``.
+
+    The two lists pair by position, and each pair must name the same case (equal file stems,
+    as :func:`write_pseudo_labels` writes them): a pseudo label scored against another case's
+    ground truth would give a plausible but wrong number, so a mismatch is an error.
     """
     import pandas as pd
 
+    pseudo_paths, case_paths = list(pseudo_paths), list(case_paths)
+    if len(pseudo_paths) != len(case_paths):
+        raise ValueError(f"pseudo-label quality: {len(pseudo_paths)} pseudo-label files for {len(case_paths)} cases")
     rows = []
     for pp, cp in zip(pseudo_paths, case_paths, strict=True):
+        if Path(pp).stem != Path(cp).stem:
+            raise ValueError(
+                f"pseudo-label quality of case {Path(cp).stem}: the pseudo label at the same position, {pp}, "
+                f"belongs to case {Path(pp).stem} (pair the files by case name)"
+            )
         with h5py.File(pp, "r") as fp, h5py.File(cp, "r") as fc:
             if "label" in fc:
                 try:
