@@ -41,7 +41,9 @@ all (seed, case) pairs, and are also split by the reference's own Dice (below / 
 
 ``--exclude FILE`` drops the cases listed in FILE (e.g. the unlabelled list of
 ``10pct-u36``, to score only the held-out rest). Writes ``<out>/scores.csv`` (one row per
-model, seed and case) and ``<out>/summary.md`` (the printed tables).
+model, seed and case), ``<out>/summary.md`` (the printed tables) and ``<out>/scatter.png``
+(each model's per-case Dice against the reference's, held-out pairs filled,
+:func:`semiseg.figures.paired_case_scatter`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ import pandas as pd
 import torch
 
 from semiseg.evaluation import format_p, paired_wilcoxon
+from semiseg.figures import paired_case_scatter
 from semiseg.io.atomic import atomic_path
 from semiseg.precision import cpu_model
 from semiseg.pseudo import pseudo_label_is_current, pseudo_label_quality, write_pseudo_labels
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> str:
                + f"; seeds {', '.join(map(str, args.seeds))}; {cpu_model()}, "
                f"{torch.get_num_threads()} threads; {time.time() - start:.0f} s wall, "
                f"{usage.ru_utime:.0f} s user + {usage.ru_stime:.0f} s system CPU\n\n" + summarise(scores, args.reference, args.fail))
+    paired_case_scatter(scores, args.reference, out / "scatter.png", fail=args.fail)
     with atomic_path(out / "summary.md", suffix=".md") as tmp:
         Path(tmp).write_text(summary, encoding="utf-8")
     print(summary)

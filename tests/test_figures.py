@@ -12,6 +12,7 @@ from semiseg.figures import (
     loss_terms,
     overlay,
     pick_slice,
+    paired_case_scatter,
     pseudo_quality_plot,
     qualitative_panel,
     sweep_plot,
@@ -157,3 +158,20 @@ def test_comparison_figure_writes_png(tmp_path, monkeypatch):
         comparison_figure({"full": {}}, None, tmp_path / "e.png")
     with pytest.raises(ValueError, match="column 'dice'"):
         comparison_figure({"full": {0: pd.DataFrame({"case": ["a"]})}}, None, tmp_path / "e.png")
+
+
+def test_paired_case_scatter(tmp_path):
+    rows = [("ref", 1, "a", 0.4, "labelled only"), ("ref", 1, "b", 0.9, "labelled only"),
+            ("m", 1, "a", 0.8, "no"), ("m", 1, "b", 0.9, "images"),
+            ("n", 1, "a", 0.5, "images"), ("n", 1, "b", 0.85, "images")]
+    scores = pd.DataFrame(rows, columns=["model", "seed", "case", "dice", "seen"])
+    assert paired_case_scatter(scores, "ref", tmp_path / "s.png", dpi=50) == ["m", "n"]
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="lacks 1 .* of 'm'"):
+        paired_case_scatter(pd.concat([scores, pd.DataFrame([("m", 2, "a", 0.5, "no")], columns=scores.columns)]),
+                            "ref", tmp_path / "x.png")
+    with pytest.raises(ValueError, match="reference model 'other'"):
+        paired_case_scatter(scores, "other", tmp_path / "x.png")
+    with pytest.raises(ValueError, match="columns"):
+        paired_case_scatter(scores.drop(columns="seen"), "ref", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()

@@ -86,6 +86,7 @@ def test_scores_mark_held_out_and_transductive_cases(layout, tmp_path):
     t = scores.pivot(index="case", columns="model", values="dice")
     assert f"| semi | {100 * (t['semi'] - t['sup']).mean():+.2f} |" in summary
     assert (tmp_path / "all" / "summary.md").read_text(encoding="utf-8") in summary
+    assert (tmp_path / "all" / "scatter.png").stat().st_size > 0
 
 
 def test_exclude_leaves_the_held_out_cases(layout, tmp_path):

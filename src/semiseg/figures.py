@@ -203,6 +203,65 @@ def pseudo_quality_plot(
     return q
 
 
+#: ``seen`` values of a per-case score that the model did not train on (held-out scores).
+HELD_OUT = frozenset({"no", "labelled only"})
+
+
+def paired_case_scatter(
+    scores: pd.DataFrame,
+    reference: str,
+    out_path: str | Path,
+    fail: float = 0.8,
+    size_per_panel: Sequence[float] = (3.5, 3.5),
+    dpi: int = 150,
+) -> list[str]:
+    """Per-case Dice of each model against the same case's Dice under ``reference``: one
+    panel per other model, one point per (seed, case) pair, both axes in % with the
+    diagonal; returns the models drawn.
+
+    ``scores``: columns model, seed, case, dice (0-1), seen (as
+    ``benchmarks/la_unlabelled_pool.py`` writes them); a pair whose ``seen`` is in
+    :data:`HELD_OUT` is drawn filled, a transductive one hollow. A dashed line marks
+    ``fail`` on the reference axis, so the repairs of the reference's failed cases (left of
+    it, above the diagonal) stand apart from the changes on the rest. Pairs must match: a
+    (seed, case) of a model that the reference lacks is a ``ValueError``.
+    """
+    needed = {"model", "seed", "case", "dice", "seen"}
+    if not needed <= set(scores.columns) or scores.empty:
+        raise ValueError(f"paired case scatter needs a non-empty table with columns {sorted(needed)}")
+    ref = scores[scores["model"] == reference].set_index(["seed", "case"])["dice"]
+    if ref.empty:
+        raise ValueError(f"paired case scatter: no scores of the reference model {reference!r}")
+    models = [m for m in dict.fromkeys(scores["model"]) if m != reference]
+    if not models:
+        raise ValueError("paired case scatter: no model besides the reference")
+    fig, axes = plt.subplots(1, len(models), figsize=(size_per_panel[0] * len(models), size_per_panel[1]), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        t = scores[scores["model"] == model].set_index(["seed", "case"])
+        missing = t.index.difference(ref.index)
+        if len(missing):
+            raise ValueError(f"paired case scatter: {reference!r} lacks {len(missing)} (seed, case) pair(s) of {model!r}, "
+                             f"e.g. {missing[0]}")
+        x, y = 100 * ref.reindex(t.index).to_numpy(float), 100 * t["dice"].to_numpy(float)
+        held = t["seen"].isin(HELD_OUT).to_numpy()
+        if held.any():
+            ax.scatter(x[held], y[held], s=14, color="tab:blue", label=f"held out ({held.sum()})")
+        if (~held).any():
+            ax.scatter(x[~held], y[~held], s=14, facecolors="none", edgecolors="tab:orange",
+                       label=f"transductive ({(~held).sum()})")
+        ax.plot([0, 100], [0, 100], color="black", linewidth=0.8)
+        ax.axvline(100 * fail, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, 100)
+        ax.set_xlabel(f"{reference} Dice [%]")
+        ax.set_ylabel(f"{model} Dice [%]")
+        ax.set_title(f"{model}: {np.mean(y - x):+.2f} points", fontsize=9)
+        ax.legend(frameon=False, fontsize=7, loc="lower right")
+        ax.set_aspect("equal")
+    _save(fig, out_path, dpi)
+    return models
+
+
 def sweep_plot(
     table: pd.DataFrame,
     value_column: str,
