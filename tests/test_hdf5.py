@@ -60,6 +60,24 @@ def test_write_is_atomic_and_keeps_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.h5"]
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_umask_mode(tmp_path, umask, mode):
+    # The temporary file behind an atomic write is created 0o600; the result must get the
+    # mode a plainly created file would, so that a group can read a shared results folder.
+    import os
+
+    from semiseg.io.atomic import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        write_case(tmp_path / "c.h5", np.zeros((4, 4, 4), np.float32), None, {})
+        atomic_write_text(tmp_path / "t.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.h5").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "t.txt").stat().st_mode & 0o777 == mode
+
+
 def test_community_la_file_reads_unchanged(la_h5_dir):
     case = sorted(p for p in la_h5_dir.iterdir() if (p / "mri_norm2.h5").exists())[0]
     image, label, attrs = read_case(case / "mri_norm2.h5")

@@ -5,8 +5,20 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _new_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0o666 less the process umask
+    (read by setting it and restoring it at once, under a lock)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -16,7 +28,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     On any exception the temporary file is removed and ``path`` is left as it was
     (absent, or the previous complete version), so a reader never sees a half-written
     file. ``suffix`` defaults to the final path's suffixes so that writers that infer
-    the format from the extension (SimpleITK, h5py) still work.
+    the format from the extension (SimpleITK, h5py) still work. The file gets the mode a
+    plainly created file would (0o666 less the umask, e.g. 0o644), not the 0o600 of the
+    temporary file, so that results stay readable to the group on a shared cluster.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,6 +41,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _new_file_mode())
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
