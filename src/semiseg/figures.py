@@ -254,10 +254,11 @@ def paired_case_scatter(
         ax.set_xlim(0, 100)
         ax.set_ylim(0, 100)
         ax.set_xlabel(f"{reference} Dice [%]")
-        ax.set_ylabel(f"{model} Dice [%]")
-        ax.set_title(f"{model}: {np.mean(y - x):+.2f} points", fontsize=9)
+        ax.set_ylabel("Dice [%]")
+        ax.set_title(f"{model} ({np.mean(y - x):+.2f} points)", fontsize=9)
         ax.legend(frameon=False, fontsize=7, loc="lower right")
         ax.set_aspect("equal")
+    fig.tight_layout()
     _save(fig, out_path, dpi)
     return models
 
