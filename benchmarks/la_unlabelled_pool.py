@@ -60,6 +60,7 @@ import torch
 from semiseg.evaluation import format_p, paired_wilcoxon
 from semiseg.figures import paired_case_scatter
 from semiseg.io.atomic import atomic_path
+from semiseg.models import ModelFileError, read_model_info
 from semiseg.precision import cpu_model
 from semiseg.pseudo import pseudo_label_is_current, pseudo_label_quality, write_pseudo_labels
 
@@ -80,21 +81,22 @@ def read_list(path: str | Path) -> list[str]:
 
 
 def model_info(model_path: Path) -> tuple[str, dict, set[str]]:
-    """(method, deployment settings, unlabelled cases of the model's split) of one model file."""
+    """(method, deployment record, unlabelled cases of the model's split) of one model file,
+    read with the package's safe reader (:func:`semiseg.models.read_model_info`)."""
     if not model_path.is_file():
         raise SystemExit(f"model {model_path} does not exist")
-    state = torch.load(model_path, map_location="cpu", weights_only=False)
-    method = state.get("method")
-    deployment = state.get("deployment") or {}
-    if method is None or "patch_size" not in deployment or "stride" not in deployment:
-        raise SystemExit(f"model {model_path}: not a pipeline model file (no method, patch size or stride recorded)")
+    try:
+        info = read_model_info(model_path)
+        deployment = info.require_deployment()
+    except ModelFileError as err:
+        raise SystemExit(str(err)) from None
     run_dir = model_path.parent.parent.parent  # <results>/models/<data set>_<split>
     dataset, sep, split = run_dir.name.rpartition("_")
     pool = run_dir.parent.parent / "splits" / dataset / split / "unlabelled.txt"
     if not sep or run_dir.parent.name != "models" or not pool.is_file():
         raise SystemExit(f"model {model_path}: not in the pipeline's layout <results>/models/<data set>_<split>/seed<seed>/"
                          f"<model>/model.pt with <results>/splits/<data set>/<split>/unlabelled.txt ({pool} is missing)")
-    return method, deployment, set(read_list(pool))
+    return info.method, deployment, set(read_list(pool))
 
 
 def seen_kind(method: str, case: str, pool: set[str]) -> str:

@@ -60,14 +60,19 @@ def test_write_is_atomic_and_keeps_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.h5"]
 
 
+@pytest.mark.parametrize("proc", [True, False], ids=["proc_status", "umask_call"])
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
-def test_written_files_get_the_umask_mode(tmp_path, umask, mode):
+def test_written_files_get_the_umask_mode(tmp_path, monkeypatch, umask, mode, proc):
     # The temporary file behind an atomic write is created 0o600; the result must get the
     # mode a plainly created file would, so that a group can read a shared results folder.
+    # The umask comes from /proc/self/status, or (where there is none) from os.umask.
     import os
 
+    from semiseg.io import atomic
     from semiseg.io.atomic import atomic_write_text
 
+    if not proc:
+        monkeypatch.setattr(atomic, "_PROC_STATUS", tmp_path / "no_such_status")
     old = os.umask(umask)
     try:
         write_case(tmp_path / "c.h5", np.zeros((4, 4, 4), np.float32), None, {})

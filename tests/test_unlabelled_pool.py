@@ -109,4 +109,9 @@ def test_bad_input_is_named(layout, tmp_path):
         script.main([*_args(results, tmp_path / "x"), "--seeds", "6"])
     with pytest.raises(SystemExit, match="no cases left"):
         script.main(_args(results, tmp_path / "x", "--exclude", str(results / "splits/toy/s/unlabelled.txt")))
+    bad = results / "models" / "toy_s" / "seed7" / "stage1_supervised" / "model.pt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a model")
+    with pytest.raises(SystemExit, match=r"model.pt: not a semiseg model file"):
+        script.main([*_args(results, tmp_path / "x"), "--seeds", "7"])
     assert not (tmp_path / "x" / "scores.csv").exists()

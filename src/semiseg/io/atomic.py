@@ -10,11 +10,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 _UMASK_LOCK = threading.Lock()
+_PROC_STATUS = Path("/proc/self/status")  # where Linux reports the process umask
 
 
 def _new_file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` gives a new file: 0o666 less the process umask
-    (read by setting it and restoring it at once, under a lock)."""
+    """The mode a plain ``open(path, "w")`` gives a new file: 0o666 less the process umask.
+
+    The umask is read from ``/proc/self/status`` where Linux reports it; elsewhere it is
+    read by setting it and restoring it at once, under a lock."""
+    try:
+        for line in _PROC_STATUS.read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split(":", 1)[1], 8)
+    except (OSError, ValueError):
+        pass
     with _UMASK_LOCK:
         mask = os.umask(0o022)
         os.umask(mask)
